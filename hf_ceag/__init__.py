@@ -1,0 +1,40 @@
+"""hf-ceag: prune image classifiers without letting any group pay more than its share of the accuracy lost.
+
+CEAG ("Balancing Act: Constraining Disparate Impact in Sparse Models", ICLR 2024) as a `transformers.Trainer`.
+"""
+
+from .ceag_config import CEAGConfig
+from .ceag_trainer import CEAGTrainer
+from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem
+from .data import load_digits_dataset, load_image_dataset
+from .gaps import excess_gaps
+from .groups import GROUP_ID_COLUMN, GroupIndex
+from .models import build_classifier, from_timm
+from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
+from .reference import DenseReference
+from .replay_buffer import ReplayBuffer
+from .report import format_report, save_report, split_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CEAGConfig",
+    "CEAGTrainer",
+    "CubicSchedule",
+    "DenseReference",
+    "EqualizedLossProblem",
+    "ExcessAccuracyGapProblem",
+    "GROUP_ID_COLUMN",
+    "GroupIndex",
+    "MagnitudePruner",
+    "ReplayBuffer",
+    "build_classifier",
+    "excess_gaps",
+    "format_report",
+    "from_timm",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "prunable_parameters",
+    "save_report",
+    "split_report",
+]

@@ -1,0 +1,138 @@
+"""`CEAGConfig`: `TrainingArguments` plus what pruning under per-group accuracy constraints needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+MITIGATIONS = ("none", "ceag", "equalized_loss")
+PRUNING_SCOPES = ("layerwise", "global")
+
+
+@dataclass
+class CEAGConfig(TrainingArguments):
+    """Training arguments for `CEAGTrainer`. Every `TrainingArguments` field keeps working.
+
+    Accuracies and the tolerance are fractions (0.01 = one point). The pruning schedule is given in epochs
+    and resolved to optimizer steps when training starts.
+    """
+
+    mitigation: Literal["none", "ceag", "equalized_loss"] = field(
+        default="ceag",
+        metadata={
+            "help": "How to protect groups while fine-tuning the pruned model: 'ceag' constrains every group's "
+            "excess accuracy gap to <= tolerance; 'equalized_loss' constrains every group's loss to equal the "
+            "overall loss (EL; EL+RB when buffer_size > 0); 'none' is naive fine-tuning (NFT).",
+            "choices": list(MITIGATIONS),
+        },
+    )
+    tolerance: float = field(
+        default=0.01,
+        metadata={"help": "CEAG tolerance epsilon: largest allowed excess accuracy gap per group (a fraction)."},
+    )
+    buffer_size: int = field(
+        default=40,
+        metadata={
+            "help": "Replay buffer size k: per-group estimates use each group's k most recent training samples "
+            "(0 = estimates from the current mini-batch only)."
+        },
+    )
+    dual_lr: float = field(
+        default=1e-2,
+        metadata={"help": "Learning rate of the Lagrange multipliers (plain projected SGD ascent). Keep it small."},
+    )
+    target_sparsity: float = field(
+        default=0.9, metadata={"help": "Final fraction of zero weights in the pruned layers, in [0, 1)."}
+    )
+    initial_sparsity: float = field(
+        default=0.0, metadata={"help": "Sparsity at the start of the cubic schedule, in [0, target_sparsity]."}
+    )
+    pruning_scope: Literal["layerwise", "global"] = field(
+        default="layerwise",
+        metadata={
+            "help": "'layerwise': every pruned layer to the same sparsity; 'global': rank all weights together.",
+            "choices": list(PRUNING_SCOPES),
+        },
+    )
+    pruning_start_epoch: float = field(
+        default=0.0, metadata={"help": "Epoch at which the cubic pruning schedule starts."}
+    )
+    pruning_end_epoch: float | None = field(
+        default=None,
+        metadata={
+            "help": "Epoch at which target_sparsity is reached (default: half of num_train_epochs). "
+            "Fine-tuning continues after it."
+        },
+    )
+    pruning_frequency: int = field(
+        default=10, metadata={"help": "Recompute the pruning masks every this many optimizer steps."}
+    )
+    keep_first_last_dense: bool = field(
+        default=True, metadata={"help": "Keep the first convolution and the last linear layer dense."}
+    )
+    mitigate_during_pruning: bool = field(
+        default=False,
+        metadata={
+            "help": "Turn the constraints on from the first step; by default they start once the final "
+            "sparsity is reached."
+        },
+    )
+    group_columns: list[str] = field(
+        default_factory=lambda: ["group"],
+        metadata={
+            "help": "Dataset column(s) holding the protected groups (ints or strings). Several columns make "
+            "intersectional groups."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_ceag_fields()
+        super().__post_init__()
+
+    def _validate_ceag_fields(self) -> None:
+        if self.mitigation not in MITIGATIONS:
+            raise ValueError(f"mitigation={self.mitigation!r} is not one of {list(MITIGATIONS)}.")
+        if self.pruning_scope not in PRUNING_SCOPES:
+            raise ValueError(f"pruning_scope={self.pruning_scope!r} is not one of {list(PRUNING_SCOPES)}.")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(
+                f"target_sparsity={self.target_sparsity} is outside [0, 1): give the fraction of weights to "
+                "zero, e.g. 0.9 for 90 %."
+            )
+        if not 0.0 <= self.initial_sparsity <= self.target_sparsity:
+            raise ValueError(
+                f"initial_sparsity={self.initial_sparsity} must lie in [0, target_sparsity={self.target_sparsity}]."
+            )
+        if self.tolerance < 0:
+            raise ValueError(
+                f"tolerance={self.tolerance} is negative: give the largest allowed excess accuracy gap as a "
+                "fraction >= 0, e.g. 0.01 for one point."
+            )
+        if self.dual_lr <= 0:
+            raise ValueError(f"dual_lr={self.dual_lr} must be > 0, e.g. 1e-2 (keep it small for stability).")
+        if self.buffer_size < 0:
+            raise ValueError(f"buffer_size={self.buffer_size} must be >= 0 (0 = mini-batch estimates), e.g. 40.")
+        if self.pruning_frequency < 1:
+            raise ValueError(f"pruning_frequency={self.pruning_frequency} must be >= 1 optimizer step.")
+        if self.pruning_start_epoch < 0:
+            raise ValueError(f"pruning_start_epoch={self.pruning_start_epoch} must be >= 0.")
+        if self.pruning_end_epoch is not None and self.pruning_end_epoch < self.pruning_start_epoch:
+            raise ValueError(
+                f"pruning_end_epoch={self.pruning_end_epoch} is before pruning_start_epoch="
+                f"{self.pruning_start_epoch}."
+            )
+        if isinstance(self.group_columns, str):
+            self.group_columns = [self.group_columns]
+        if not self.group_columns or any(not isinstance(c, str) or not c for c in self.group_columns):
+            raise ValueError(
+                f"group_columns={self.group_columns!r}: give one or more column names, e.g. ['group']."
+            )
+
+    @property
+    def resolved_pruning_end_epoch(self) -> float:
+        """`pruning_end_epoch`, or half of `num_train_epochs` when unset."""
+        if self.pruning_end_epoch is not None:
+            return self.pruning_end_epoch
+        return max(self.pruning_start_epoch, self.num_train_epochs / 2)

@@ -1,0 +1,346 @@
+"""`CEAGTrainer`: a `transformers.Trainer` that prunes a dense classifier and fine-tunes it under per-group
+constraints (CEAG), equalized-loss constraints (EL, EL+RB), or none (NFT).
+
+The Trainer's own loop runs unchanged. This class overrides only:
+* `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
+  (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
+* `create_optimizer`: attaches the pruning masks to the optimizer (grads masked before, weights after a step);
+* `train`: computes the dense reference and the step schedule before the first step;
+* `log`: adds the constraint metrics accumulated since the last log.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from .ceag_config import CEAGConfig
+from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .groups import GROUP_ID_COLUMN, GroupIndex
+from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
+from .reference import DenseReference
+from .report import build_report, split_report
+
+LABEL_COLUMNS = ("label", "labels")
+
+
+class _PruningCallback(TrainerCallback):
+    """Recomputes the masks at the schedule's steps (after the optimizer step, before the next forward)."""
+
+    def __init__(self, trainer: CEAGTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._prune_if_scheduled(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._prune_if_scheduled(state.global_step)
+
+
+class CEAGTrainer(Trainer):
+    """Drop-in replacement for `transformers.Trainer` that prunes and fine-tunes under group constraints.
+
+    Takes every `Trainer` argument; `args` must be a `CEAGConfig`, and `train_dataset` a `datasets.Dataset`
+    with the columns named in `args.group_columns`. Pass `dense_reference` to reuse dense statistics computed
+    earlier (they must describe the same training groups).
+    """
+
+    # compute_loss returns a per-batch mean: the Trainer divides it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, dense_reference: DenseReference | None = None, **kwargs: Any) -> None:
+        params = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments
+        params.pop("self")
+        config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
+        if not isinstance(config, CEAGConfig):
+            raise TypeError(f"CEAGTrainer: args must be a CEAGConfig, got {type(config).__name__}.")
+        if model is None:
+            raise ValueError("CEAGTrainer: pass the dense model as `model` (model_init is not supported).")
+        if not isinstance(train_dataset, datasets.Dataset):
+            raise ValueError(
+                "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
+                f"{config.group_columns}; got {type(train_dataset).__name__}."
+            )
+        _check_labels(train_dataset, model, "train")
+        self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
+        _warn_small_groups(self.group_index, config.buffer_size)
+        params["train_dataset"] = self.group_index.encode(train_dataset, "train")
+        params["eval_dataset"] = self._encode_eval(params.get("eval_dataset"), model)
+        pruner = MagnitudePruner(prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope)
+        super().__init__(**params)
+        self.pruner = pruner
+        self.dense_reference = dense_reference
+        if dense_reference is not None and dense_reference.group_names != self.group_index.names:
+            raise ValueError(
+                "dense_reference: its groups "
+                f"{dense_reference.group_names} differ from the training data's {self.group_index.names}."
+            )
+        self.dense_correct: dict[str, torch.Tensor] = {}
+        self.problem: GroupConstrainedProblem | None = None
+        self.dual_optimizer: torch.optim.Optimizer | None = None
+        self.schedule: CubicSchedule | None = None
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.add_callback(_PruningCallback(self))
+
+    # ---- datasets ----
+
+    def _encode_eval(self, eval_dataset, model):
+        if eval_dataset is None:
+            return None
+        named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        encoded = {}
+        for name, dataset in named.items():
+            if not isinstance(dataset, datasets.Dataset):
+                raise ValueError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
+            _check_labels(dataset, model, name)
+            encoded[name] = self.group_index.encode(dataset, name)
+        return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if GROUP_ID_COLUMN not in self._signature_columns:
+            self._signature_columns.append(GROUP_ID_COLUMN)
+
+    def _eval_splits(self) -> dict[str, datasets.Dataset]:
+        if self.eval_dataset is None:
+            return {}
+        if isinstance(self.eval_dataset, dict):
+            return dict(self.eval_dataset)
+        return {"eval": self.eval_dataset}
+
+    # ---- set-up before the first step ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
+        """Compute the dense reference and the pruning schedule, then run `Trainer.train`."""
+        self.schedule = self._resolve_schedule()
+        if self.dense_reference is None:
+            self.dense_reference = self._compute_dense_statistics()
+            if self.args.should_save:
+                self.dense_reference.save(self.args.output_dir)
+        if self.problem is None:
+            self.problem = self._build_problem(self.dense_reference)
+            if self.args.mitigation != "none":
+                self.dual_optimizer = torch.optim.SGD(self.problem.dual_parameters(), lr=self.args.dual_lr, maximize=True)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _steps_per_epoch(self) -> int:
+        args = self.args
+        batch = args.per_device_train_batch_size * max(args.world_size, 1)
+        n = len(self.train_dataset)
+        batches = n // batch if args.dataloader_drop_last else math.ceil(n / batch)
+        return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+
+    def _resolve_schedule(self) -> CubicSchedule:
+        args = self.args
+        per_epoch = self._steps_per_epoch()
+        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        start = round(args.pruning_start_epoch * per_epoch)
+        end = round(args.resolved_pruning_end_epoch * per_epoch)
+        if end > total:
+            raise ValueError(
+                f"pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} steps) is after the end of training "
+                f"({total} steps, {per_epoch} per epoch): lower pruning_end_epoch or train longer."
+            )
+        return CubicSchedule(args.initial_sparsity, args.target_sparsity, start, end, args.pruning_frequency)
+
+    def _compute_dense_statistics(self) -> DenseReference:
+        """One eval-mode pass of the (still dense) model over train and eval splits: the reference and the
+        per-sample dense correctness that reports compare against."""
+        logits, labels, groups = self._predict(self.train_dataset, "dense_train")
+        reference = DenseReference.from_predictions(logits, labels, groups, self.group_index.names[: self.group_index.num_groups])
+        self.dense_correct["train"] = logits.argmax(-1) == labels
+        for name, dataset in self._eval_splits().items():
+            logits, labels, _ = self._predict(dataset, f"dense_{name}")
+            self.dense_correct[name] = logits.argmax(-1) == labels
+        return reference
+
+    def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        output = self.predict(dataset, metric_key_prefix=prefix)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
+        return torch.as_tensor(logits).float(), torch.as_tensor(output.label_ids).long(), groups
+
+    def _build_problem(self, reference: DenseReference) -> GroupConstrainedProblem:
+        device = self.args.device
+        if self.args.mitigation == "equalized_loss":
+            return EqualizedLossProblem(reference, self.args.buffer_size, device=device)
+        # NFT keeps a CEAG problem too, never stepping its duals, to log the estimated gaps.
+        return ExcessAccuracyGapProblem(reference, self.args.buffer_size, self.args.tolerance, device=device)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        self.pruner.attach(optimizer)
+        return optimizer
+
+    def _prune_if_scheduled(self, step: int) -> None:
+        if self.schedule is not None and self.schedule.is_pruning_step(step):
+            self.pruner.prune_to(self.schedule.sparsity_at(step))
+
+    @property
+    def constraints_active(self) -> bool:
+        """Whether the current step is constrained: a mitigation is set and pruning has ended (or
+        `mitigate_during_pruning`)."""
+        if self.args.mitigation == "none" or self.schedule is None:
+            return False
+        return self.args.mitigate_during_pruning or self.state.global_step >= self.schedule.end
+
+    # ---- the step ----
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Mean cross-entropy; while training, the primal Lagrangian after this step's dual update."""
+        labels = next((inputs[k] for k in LABEL_COLUMNS if k in inputs), None)
+        if labels is None:
+            raise ValueError(f"CEAGTrainer: the batch has no labels (expected one of {LABEL_COLUMNS}).")
+        group_ids = inputs.get(GROUP_ID_COLUMN)
+        not_for_model = (*LABEL_COLUMNS, GROUP_ID_COLUMN, *self.args.group_columns)
+        outputs = model(**{k: v for k, v in inputs.items() if k not in not_for_model})
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        per_sample = F.cross_entropy(
+            logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
+        )
+        loss = per_sample.mean()
+        if model.training and self.problem is not None:
+            if group_ids is None:
+                raise ValueError(
+                    f"CEAGTrainer: the training batch has no {GROUP_ID_COLUMN!r} column. A set_transform or "
+                    "data_collator dropped it: pass it through unchanged."
+                )
+            loss = self._constrained_loss(per_sample, logits.detach(), labels, group_ids)
+        return (loss, outputs) if return_outputs else loss
+
+    def _constrained_loss(self, per_sample, logits, labels, group_ids) -> torch.Tensor:
+        correct = logits.argmax(dim=-1) == labels
+        self.problem.observe(*self._gather(group_ids, correct, per_sample.detach()))
+        loss = per_sample.mean()
+        if self.constraints_active:
+            # One dual step per optimizer step, once every micro-batch of that step has been observed.
+            update_duals = self.accelerator.sync_gradients
+            state = self.problem.compute_cmp_state(per_sample, group_ids, update_duals=update_duals)
+            if update_duals:
+                self._dual_step(state)
+            loss = state.compute_primal_lagrangian().lagrangian
+        self._record_metrics(per_sample.detach().mean())
+        return loss
+
+    def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This batch from every process, in rank order, so all processes hold identical estimates."""
+        rows = torch.stack([group_ids.float(), correct.float(), losses.float()], dim=1)
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
+            rows = rows[rows[:, 0] >= 0]
+        return rows[:, 0].long(), rows[:, 1], rows[:, 2]
+
+    def _dual_step(self, state) -> None:
+        dual = state.compute_dual_lagrangian()
+        if dual.lagrangian is None:
+            return
+        self.dual_optimizer.zero_grad(set_to_none=True)
+        dual.lagrangian.backward()
+        self.dual_optimizer.step()
+        self.problem.multiplier.post_step_()
+
+    # ---- logging ----
+
+    def _record_metrics(self, ce_loss: torch.Tensor) -> None:
+        gaps, ready = self.problem.estimated_gaps(), self.problem.ready
+        multipliers = self.problem.multipliers_tensor()
+        name = "max_excess_gap_estimate" if isinstance(self.problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
+        self._metrics["ce_loss"].append(ce_loss)
+        self._metrics[name].append(gaps.masked_fill(~ready, float("-inf")).max())
+        self._metrics["multiplier_mean"].append(multipliers.mean())
+        self._metrics["multiplier_max"].append(multipliers.max())
+        self._metrics["full_buffers"].append(ready.sum().float())
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the constraint metrics averaged since the last training log, and the measured sparsity."""
+        if "loss" in logs and self._metrics:
+            for key, values in self._metrics.items():
+                finite = [v for v in torch.stack(values).tolist() if math.isfinite(v)]
+                if finite:
+                    logs[key] = sum(finite) / len(finite)
+            logs["sparsity"] = self.pruner.sparsity()
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not any(k in inputs for k in LABEL_COLUMNS):
+            inputs = {k: v for k, v in inputs.items() if k not in (GROUP_ID_COLUMN, *self.args.group_columns)}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # ---- reports ----
+
+    def group_report(self) -> dict[str, Any]:
+        """Evaluate the pruned model on train and every eval split and compare it, group by group, with the
+        dense model's predictions recorded before training: the `report.json` document."""
+        if not self.dense_correct:
+            raise ValueError("group_report: call train() first (it records the dense model's predictions).")
+        splits = {"train": self.train_dataset, **self._eval_splits()}
+        reports = {}
+        for name, dataset in splits.items():
+            logits, labels, groups = self._predict(dataset, f"sparse_{name}")
+            reports[name] = split_report(
+                groups,
+                self.dense_correct[name],
+                logits.argmax(-1) == labels,
+                self.group_index.names,
+                self.args.tolerance,
+                num_constrained_groups=self.group_index.num_groups,
+            )
+        return build_report(
+            method=_method_name(self.args),
+            tolerance=self.args.tolerance,
+            target_sparsity=self.args.target_sparsity,
+            sparsity=self.pruner.sparsity(),
+            splits=reports,
+            buffer_size=self.args.buffer_size,
+            dual_lr=self.args.dual_lr,
+            pruning_scope=self.args.pruning_scope,
+            group_columns=list(self.group_index.columns),
+            layer_sparsity=self.pruner.layer_sparsity(),
+        )
+
+
+def _method_name(args: CEAGConfig) -> str:
+    if args.mitigation == "none":
+        return "nft"
+    if args.mitigation == "equalized_loss":
+        return "el+rb" if args.buffer_size > 0 else "el"
+    return "ceag"
+
+
+def _check_labels(dataset: datasets.Dataset, model, split: str) -> None:
+    column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
+    if column is None:
+        raise ValueError(
+            f"The {split} dataset has no label column (expected one of {LABEL_COLUMNS}); columns: "
+            f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
+        )
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is None:
+        return
+    values = torch.as_tensor(dataset.with_format(None)[column])
+    if values.numel() and (values.min() < 0 or values.max() >= num_labels):
+        bad = values[(values < 0) | (values >= num_labels)].unique().tolist()[:10]
+        raise ValueError(
+            f"{split} column {column!r} holds label(s) {bad} outside the model's classes 0..{num_labels - 1}: "
+            "build the model with num_labels covering every class, or map the labels to 0..num_labels-1."
+        )
+
+
+def _warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
+    small = [f"{name} (n={n})" for name, n in zip(index.names, index.train_counts) if n < buffer_size]
+    if small:
+        warnings.warn(
+            f"Group(s) {small} have fewer training samples than buffer_size={buffer_size}: their buffers "
+            "never fill, so their constraints never take a dual step. Lower buffer_size or merge groups.",
+            stacklevel=3,
+        )
+

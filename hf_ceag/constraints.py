@@ -1,0 +1,149 @@
+"""The constrained problems, expressed with Cooper: one constraint per group, one multiplier λ_g each.
+
+* `ExcessAccuracyGapProblem` (CEAG, DESIGN §2): ψ_g ≤ ε. The dual step uses the true accuracy gaps
+  ψ̂_g − ε estimated from replay buffers (`strict_violation`); the primal step uses the differentiable
+  surrogate ψ̃_g = (L_g − L_g^dense) − (L − L^dense) on the mini-batch (`violation`, Cotter et al. 2019).
+* `EqualizedLossProblem` (EL, Tran et al. 2022): L_g − L = 0, an equality constraint; with replay
+  buffers of losses (EL+RB) when `buffer_size > 0`.
+
+Both keep, per group, an estimate built from *all* processes' samples (the trainer gathers them), so every
+process takes the same dual step. With `buffer_size = 0` the estimate is the last mini-batch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from cooper import CMPState, ConstrainedMinimizationProblem, Constraint, ConstraintState, ConstraintType
+from cooper.formulations import Lagrangian
+from cooper.multipliers import IndexedMultiplier
+
+from .gaps import buffer_excess_gaps, weighted_mean
+from .reference import DenseReference
+from .replay_buffer import ReplayBuffer
+
+
+def group_means(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean of `values` (0 for absent groups) and per-group counts, without a loop over groups."""
+    counts = torch.bincount(group_ids, minlength=num_groups)
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group_ids, values)
+    return sums / counts.clamp(min=1).to(values.dtype), counts
+
+
+class GroupConstrainedProblem(ConstrainedMinimizationProblem):
+    """One constraint per group with a Cooper `IndexedMultiplier`; subclasses define the constraint.
+
+    `observe()` records a (gathered, detached) batch into the per-group estimates; `compute_cmp_state()`
+    builds the Cooper state from the local, differentiable per-sample losses.
+    """
+
+    constraint_type: ConstraintType
+    observed_quantity: str  # "correct" or "loss": what the buffers hold
+
+    def __init__(self, reference: DenseReference, buffer_size: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0 (0 = mini-batch estimates), got {buffer_size}.")
+        self.num_groups = reference.num_groups
+        self.reference = {k: v.to(device) for k, v in reference.tensors().items()}
+        self.dense_loss = torch.tensor(reference.loss, dtype=torch.float32, device=device)
+        self.multiplier = IndexedMultiplier(num_constraints=self.num_groups, device=device)
+        self.group_constraint = Constraint(self.constraint_type, formulation_type=Lagrangian, multiplier=self.multiplier)
+        self.buffer = ReplayBuffer(self.num_groups, buffer_size, device) if buffer_size > 0 else None
+        zeros = torch.zeros(self.num_groups, device=device)
+        self.group_estimate, self.estimate_weights = zeros, zeros.clone()
+        self.observed = torch.zeros(self.num_groups, dtype=torch.bool, device=device)
+        self.ready = self.observed.clone()
+
+    @torch.no_grad()
+    def observe(self, group_ids: torch.Tensor, correct: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record one batch of (all processes') samples into the per-group estimates.
+
+        Buffers: estimate = mean of each group's buffer, ready = buffer full, weights = training shares.
+        No buffers: estimate = this batch's group mean, ready = present, weights = batch counts.
+        """
+        values = (correct if self.observed_quantity == "correct" else losses).float()
+        group_ids = group_ids.long()
+        if self.buffer is not None:
+            self.buffer.update(group_ids, values)
+            self.group_estimate = self.buffer.means()
+            self.observed, self.ready = self.buffer.count > 0, self.buffer.is_full
+            self.estimate_weights = self.reference["group_weights"]
+        else:
+            self.group_estimate, counts = group_means(values, group_ids, self.num_groups)
+            self.observed = self.ready = counts > 0
+            self.estimate_weights = counts.float()
+
+    def strict_violations(self) -> torch.Tensor:
+        """Non-differentiable violation of every group's constraint from the current estimates, `[G]`."""
+        raise NotImplementedError
+
+    def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Differentiable violation of every group's constraint from mini-batch losses, `[G]`."""
+        raise NotImplementedError
+
+    def compute_cmp_state(
+        self, per_sample_loss: torch.Tensor, group_ids: torch.Tensor, update_duals: bool = True
+    ) -> CMPState:
+        """Cooper state: loss = batch mean; `violation` for the groups in this (local) batch; `strict_violation`
+        for the groups whose estimates are ready (only those take a dual step)."""
+        loss = per_sample_loss.mean()
+        group_loss, counts = group_means(per_sample_loss, group_ids.long(), self.num_groups)
+        present = torch.nonzero(counts > 0).flatten()
+        ready = torch.nonzero(self.ready).flatten()
+        state = ConstraintState(
+            violation=self.surrogate_violations(group_loss, loss)[present],
+            constraint_features=present,
+            strict_violation=self.strict_violations()[ready],
+            strict_constraint_features=ready,
+            contributes_to_dual_update=update_duals and ready.numel() > 0,
+        )
+        return CMPState(loss=loss, observed_constraints={self.group_constraint: state})
+
+    def multipliers_tensor(self) -> torch.Tensor:
+        """Current λ, `[G]` (a detached copy)."""
+        return self.multiplier.weight.detach().flatten().clone()
+
+
+class ExcessAccuracyGapProblem(GroupConstrainedProblem):
+    """CEAG: ψ_g ≤ ε for every group (inequality, λ_g ≥ 0)."""
+
+    constraint_type = ConstraintType.INEQUALITY
+    observed_quantity = "correct"
+
+    def __init__(
+        self, reference: DenseReference, buffer_size: int, tolerance: float, device: torch.device | str = "cpu"
+    ) -> None:
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 (an accuracy fraction, e.g. 0.01), got {tolerance}.")
+        self.tolerance = tolerance
+        super().__init__(reference, buffer_size, device)
+
+    def estimated_gaps(self) -> torch.Tensor:
+        """ψ̂_g from the estimates (0 for groups not yet observed)."""
+        return buffer_excess_gaps(
+            self.reference["group_accuracy"], self.group_estimate, self.estimate_weights, self.observed
+        )
+
+    def strict_violations(self) -> torch.Tensor:
+        return self.estimated_gaps() - self.tolerance
+
+    def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return (group_loss - self.reference["group_loss"]) - (loss - self.dense_loss)
+
+
+class EqualizedLossProblem(GroupConstrainedProblem):
+    """EL / EL+RB: L_g − L = 0 for every group (equality, λ_g of either sign)."""
+
+    constraint_type = ConstraintType.EQUALITY
+    observed_quantity = "loss"
+
+    def estimated_gaps(self) -> torch.Tensor:
+        """Estimated L_g − L per group (0 for groups not yet observed)."""
+        overall = weighted_mean(self.group_estimate, self.estimate_weights, self.observed)
+        return torch.where(self.observed, self.group_estimate - overall, torch.zeros_like(self.group_estimate))
+
+    def strict_violations(self) -> torch.Tensor:
+        return self.estimated_gaps()
+
+    def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return group_loss - loss

@@ -1,0 +1,142 @@
+"""Datasets with group columns: the embedded digits default, and user image data (Hub id, imagefolder, csv).
+
+Every loader returns a `DatasetDict` with `train` and `test` splits whose rows give `pixel_values`
+(a float tensor `[channels, size, size]`), `label`, and the group column(s).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # approximate moments of load_digits pixels scaled to [0, 1]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_digits_dataset(
+    image_size: int = 32,
+    test_size: float = 0.25,
+    seed: int = 0,
+    rare_groups: Sequence[int] = (),
+    rare_fraction: float = 0.2,
+) -> datasets.DatasetDict:
+    """scikit-learn's 1,797 handwritten 8×8 digits as a DatasetDict: `pixel_values` `[1, size, size]`
+    (bilinear upsampling, normalised), `label` and `group` (both the digit, as ClassLabels).
+
+    The train/test split is stratified by digit with a fixed seed. `rare_groups` keeps only `rare_fraction`
+    of those digits' training rows (the imbalanced variant; the test split is untouched).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < rare_fraction <= 1.0:
+        raise ValueError(f"rare_fraction={rare_fraction} must lie in (0, 1].")
+    bad = [g for g in rare_groups if g not in range(10)]
+    if bad:
+        raise ValueError(f"rare_groups={list(rare_groups)}: {bad} are not digits 0-9.")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = ((images - DIGITS_MEAN) / DIGITS_STD).numpy()
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels
+    )
+    if rare_groups:
+        rng = np.random.default_rng(seed)
+        keep = []
+        for digit in range(10):
+            rows = train_idx[labels[train_idx] == digit]
+            if digit in rare_groups:
+                rows = rng.choice(rows, size=max(1, round(rare_fraction * len(rows))), replace=False)
+            keep.append(rows)
+        train_idx = np.sort(np.concatenate(keep))
+    names = [str(d) for d in range(10)]
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Array3D(shape=(1, image_size, image_size), dtype="float32"),
+            "label": datasets.ClassLabel(names=names),
+            "group": datasets.ClassLabel(names=names),
+        }
+    )
+
+    def split(idx: np.ndarray) -> datasets.Dataset:
+        data = {"pixel_values": images[idx], "label": labels[idx], "group": labels[idx]}
+        return datasets.Dataset.from_dict(data, features=features).with_format("torch")
+
+    return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
+
+
+def _image_transform(image_column: str, image_size: int, channels: int):
+    from torchvision.transforms import v2
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    pipeline = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+    mode = "RGB" if channels == 3 else "L"
+
+    def transform(batch: dict) -> dict:
+        batch["pixel_values"] = [pipeline(image.convert(mode)) for image in batch.pop(image_column)]
+        return batch
+
+    return transform
+
+
+def load_image_dataset(
+    dataset_name: str,
+    group_columns: Sequence[str],
+    image_column: str = "image",
+    label_column: str = "label",
+    data_dir: str | None = None,
+    image_size: int = 32,
+    channels: int = 3,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """Load user image data with group columns and transform images on the fly to `pixel_values`.
+
+    `dataset_name` is a Hub id, `imagefolder` (with `data_dir`; group columns from its metadata.csv), or a
+    path to a csv file with an image-path column (paths relative to the csv). Without a `test` split, a
+    split stratified by the first group column is made with a fixed seed.
+    """
+    if dataset_name.endswith(".csv"):
+        if not os.path.isfile(dataset_name):
+            raise ValueError(f"dataset_name={dataset_name!r}: no such csv file.")
+        loaded = datasets.load_dataset("csv", data_files={"train": dataset_name})
+        root = os.path.dirname(os.path.abspath(dataset_name))
+        loaded = loaded.map(lambda row: {image_column: os.path.join(root, row[image_column])})
+        loaded = loaded.cast_column(image_column, datasets.Image())
+    elif dataset_name == "imagefolder":
+        if not data_dir:
+            raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
+        loaded = datasets.load_dataset("imagefolder", data_dir=data_dir)
+    else:
+        loaded = datasets.load_dataset(dataset_name, data_dir=data_dir)
+    for split in loaded.values():
+        needed = [image_column, label_column, *group_columns]
+        missing = [c for c in needed if c not in split.column_names]
+        if missing:
+            raise ValueError(
+                f"Column(s) {missing} not in dataset {dataset_name!r}; available: {split.column_names}. "
+                "Set --image_column, --label_column and --group_columns to the dataset's names."
+            )
+    if label_column != "label":
+        loaded = loaded.rename_column(label_column, "label")
+    if "test" not in loaded:
+        train = loaded["train"]
+        stratify = group_columns[0] if isinstance(train.features[group_columns[0]], datasets.ClassLabel) else None
+        loaded = train.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
+    loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
+    loaded.set_transform(_image_transform(image_column, image_size, channels))
+    return loaded

@@ -1,0 +1,147 @@
+"""Protected groups: from one or more dataset columns to integer group ids and readable names.
+
+Several columns make intersectional groups (one group per combination of values seen in training).
+The `GroupIndex` is built once from the training data; evaluation data is encoded with the same ids,
+and groups it holds that training lacks get ids after the training groups (they are unconstrained).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import datasets
+
+GROUP_ID_COLUMN = "ceag_group_id"
+"""Column the trainer adds to every dataset it is given; holds the integer group id of each row."""
+
+
+def _column_values(dataset: datasets.Dataset, column: str) -> list:
+    # Read the raw stored values (no user transform, no torch formatting).
+    return list(dataset.with_format(None)[column])
+
+
+def _value_name(feature, value) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.int2str(int(value))
+    return str(value)
+
+
+def check_group_columns(dataset: datasets.Dataset, columns: Sequence[str], split: str) -> None:
+    """Raise a ValueError naming the column and the fix if a group column is missing or holds nulls."""
+    available = [c for c in dataset.column_names if c != GROUP_ID_COLUMN]
+    for column in columns:
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"group_columns: column {column!r} is not in the {split} dataset. "
+                f"Available columns: {available}. Pass the column(s) that hold the protected groups, "
+                f"e.g. --group_columns {available[-1] if available else '<column>'}."
+            )
+        values = _column_values(dataset, column)
+        nulls = sum(v is None for v in values)
+        if nulls:
+            raise ValueError(
+                f"group_columns: column {column!r} of the {split} dataset has {nulls} null value(s). "
+                "Every row needs a group: fill or drop those rows (e.g. dataset.filter(...)) before training."
+            )
+
+
+@dataclass
+class GroupIndex:
+    """The groups of a training set: their keys (raw column values), names and training counts.
+
+    Group id `i` stands for `keys[i]`, a tuple with one value per column in `columns`.
+    """
+
+    columns: tuple[str, ...]
+    keys: list[tuple] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    train_counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.columns = tuple(self.columns)
+        if not self.columns:
+            raise ValueError("group_columns: give at least one column that holds the protected groups.")
+        if not (len(self.keys) == len(self.names) == len(self.train_counts)):
+            raise ValueError("GroupIndex: keys, names and train_counts must have the same length.")
+        self.keys = [tuple(k) for k in self.keys]
+        self._id_of = {key: i for i, key in enumerate(self.keys)}
+
+    @property
+    def num_groups(self) -> int:
+        """Number of groups seen in the training data (the constrained groups)."""
+        return len(self.train_counts)
+
+    @classmethod
+    def from_dataset(cls, dataset: datasets.Dataset, columns: Sequence[str]) -> GroupIndex:
+        """Index the groups present in `dataset` (the training set), sorted by their column values."""
+        check_group_columns(dataset, columns, "train")
+        rows = list(zip(*(_column_values(dataset, c) for c in columns)))
+        counts: dict[tuple, int] = {}
+        for row in rows:
+            counts[row] = counts.get(row, 0) + 1
+        keys = sorted(counts, key=lambda k: tuple(str(v) if not isinstance(v, int) else v for v in k))
+        features = [dataset.features[c] for c in columns]
+        names = [" & ".join(_value_name(f, v) for f, v in zip(features, key)) for key in keys]
+        return cls(columns=tuple(columns), keys=keys, names=names, train_counts=[counts[k] for k in keys])
+
+    def encode(self, dataset: datasets.Dataset, split: str = "eval") -> datasets.Dataset:
+        """Return `dataset` with a `GROUP_ID_COLUMN` column of group ids (transform and format kept).
+
+        Groups absent from training are appended to this index (unconstrained), with a warning naming them.
+        """
+        check_group_columns(dataset, self.columns, split)
+        rows = zip(*(_column_values(dataset, c) for c in self.columns))
+        features = [dataset.features[c] for c in self.columns]
+        ids, unseen = [], []
+        for row in rows:
+            if row not in self._id_of:
+                self._id_of[row] = len(self.keys)
+                self.keys.append(row)
+                self.names.append(" & ".join(_value_name(f, v) for f, v in zip(features, row)))
+                unseen.append(self.names[-1])
+            ids.append(self._id_of[row])
+        if unseen:
+            warnings.warn(
+                f"Group(s) {unseen} appear in the {split} data but not in the training data: "
+                "they are reported but unconstrained.",
+                stacklevel=2,
+            )
+        if GROUP_ID_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(GROUP_ID_COLUMN)
+        fmt = dataset.format
+        encoded = dataset.with_format(None).add_column(GROUP_ID_COLUMN, ids)
+        columns = None if fmt["columns"] is None else [*fmt["columns"], GROUP_ID_COLUMN]
+        if fmt["type"] == "custom":
+            encoded.set_transform(
+                fmt["format_kwargs"]["transform"], columns=columns, output_all_columns=fmt["output_all_columns"]
+            )
+        else:
+            encoded = encoded.with_format(
+                fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"]
+            )
+        return encoded
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (keys as lists)."""
+        return {
+            "columns": list(self.columns),
+            "keys": [list(k) for k in self.keys],
+            "names": list(self.names),
+            "train_counts": list(self.train_counts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GroupIndex:
+        """Inverse of `to_dict`."""
+        return cls(
+            columns=tuple(data["columns"]),
+            keys=[tuple(k) for k in data["keys"]],
+            names=list(data["names"]),
+            train_counts=list(data["train_counts"]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

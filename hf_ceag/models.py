@@ -1,0 +1,69 @@
+"""Image classifiers the trainer prunes: timm backbones (through `TimmWrapperForImageClassification`) and
+transformers image classifiers. Built from scratch, or loaded from a local folder with safetensors."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+)
+
+
+def build_classifier(
+    name_or_path: str,
+    num_labels: int,
+    id2label: dict[int, str] | None = None,
+    channels: int = 3,
+    image_size: int = 224,
+) -> PreTrainedModel:
+    """An image classifier with `num_labels` classes.
+
+    * a folder saved with `save_pretrained` (or a Hub id): loaded with `AutoModelForImageClassification`
+      (safetensors only, no remote code);
+    * a timm architecture name (e.g. `resnet18`, `test_resnet`): a randomly initialised timm model wrapped in
+      `TimmWrapperForImageClassification`;
+    * a transformers model type (e.g. `resnet`, `vit`): a randomly initialised model of that type.
+    """
+    import timm
+
+    id2label = id2label or {i: str(i) for i in range(num_labels)}
+    label2id = {v: k for k, v in id2label.items()}
+    if os.path.isdir(name_or_path) or "/" in name_or_path:
+        return AutoModelForImageClassification.from_pretrained(
+            name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, use_safetensors=True
+        )
+    if name_or_path in timm.list_models():
+        config = TimmWrapperConfig(
+            architecture=name_or_path,
+            num_labels=num_labels,
+            id2label=id2label,
+            label2id=label2id,
+            model_args={"in_chans": channels},
+        )
+        return TimmWrapperForImageClassification(config)
+    try:
+        config = AutoConfig.for_model(
+            name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, num_channels=channels,
+            image_size=image_size,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"model_name_or_path={name_or_path!r} is neither a folder, a timm architecture nor a transformers "
+            "model type. Use e.g. 'resnet18' (timm), 'resnet' (transformers) or a save_pretrained folder."
+        ) from error
+    return AutoModelForImageClassification.from_config(config)
+
+
+def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperForImageClassification:
+    """Wrap a bare timm model (its weights copied) so the Trainer can prune, save and reload it."""
+    num_classes = model.num_classes
+    config = TimmWrapperConfig(architecture=architecture, num_labels=num_classes, model_args=model_args or None)
+    wrapped = TimmWrapperForImageClassification(config)
+    wrapped.timm_model.load_state_dict(model.state_dict())
+    return wrapped

@@ -1,0 +1,161 @@
+"""Unstructured magnitude pruning with the gradual (cubic) schedule of Zhu & Gupta (2017).
+
+    s(t) = s_f + (s_0 − s_f) · (1 − (t − t_0) / (t_1 − t_0))³     for t_0 ≤ t ≤ t_1
+
+Masks are recomputed every `frequency` optimizer steps between t_0 and t_1, are nested (a pruned weight
+never comes back), and are enforced around every optimizer step by hooks, so pruned weights stay exactly
+zero whatever the optimizer (momentum, Adam moments, weight decay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+PRUNABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class CubicSchedule:
+    """Target sparsity per optimizer step: cubic ramp from `initial` at `start` to `final` at `end`."""
+
+    initial: float
+    final: float
+    start: int
+    end: int
+    frequency: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.initial <= self.final < 1.0:
+            raise ValueError(
+                f"CubicSchedule: need 0 <= initial_sparsity ({self.initial}) <= target_sparsity "
+                f"({self.final}) < 1."
+            )
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"CubicSchedule: need 0 <= start ({self.start}) <= end ({self.end}) steps.")
+        if self.frequency < 1:
+            raise ValueError(f"CubicSchedule: pruning_frequency must be >= 1 step, got {self.frequency}.")
+
+    def sparsity_at(self, step: int) -> float:
+        """s(step): `initial` before `start`, the cubic ramp in between, `final` from `end` on."""
+        if step < self.start:
+            return self.initial
+        if step >= self.end:
+            return self.final
+        progress = (step - self.start) / (self.end - self.start)
+        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+
+    def is_pruning_step(self, step: int) -> bool:
+        """Whether masks are recomputed after optimizer step `step` (every `frequency` steps, and at `end`)."""
+        if step < self.start or step > self.end:
+            return False
+        return step == self.end or (step - self.start) % self.frequency == 0
+
+
+def prunable_parameters(model: nn.Module, keep_first_last_dense: bool) -> dict[str, nn.Parameter]:
+    """Weights of the conv and linear layers, by name; without the first conv and last linear if asked."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]
+    if keep_first_last_dense:
+        convs = [name for name, m in modules if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        linears = [name for name, m in modules if isinstance(m, nn.Linear)]
+        dense = {convs[0]} if convs else set()
+        dense |= {linears[-1]} if linears else set()
+        modules = [(name, m) for name, m in modules if name not in dense]
+    return {f"{name}.weight" if name else "weight": m.weight for name, m in modules if m.weight.requires_grad}
+
+
+def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # Exactly k indices (ties broken by position), so the sparsity is exactly what was asked.
+    return torch.topk(scores, k, largest=False, sorted=False).indices
+
+
+class MagnitudePruner:
+    """Holds one boolean mask per prunable weight (True = kept) and enforces it.
+
+    `scope="layerwise"` prunes every layer to the same fraction; `scope="global"` ranks all weights together.
+    """
+
+    def __init__(self, parameters: dict[str, nn.Parameter], scope: Literal["layerwise", "global"]) -> None:
+        if not parameters:
+            raise ValueError(
+                "The model has no prunable layers (Conv or Linear weights) left to prune. "
+                "Use a model with conv/linear layers, or set keep_first_last_dense=False if the only ones "
+                "are the first conv and the last linear layer."
+            )
+        if scope not in ("layerwise", "global"):
+            raise ValueError(f"pruning_scope must be 'layerwise' or 'global', got {scope!r}.")
+        self.parameters = parameters
+        self.scope = scope
+        self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in parameters.items()}
+        self._hooked: set[int] = set()
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Recompute the masks so that exactly round(sparsity · n) weights are zero (per layer or overall).
+
+        Already-pruned weights rank below every kept weight, so masks only ever grow sparser.
+        """
+        scores = {
+            name: torch.where(self.masks[name], p.detach().abs().float(), torch.full_like(p, -1.0, dtype=torch.float))
+            for name, p in self.parameters.items()
+        }
+        if self.scope == "layerwise":
+            for name, score in scores.items():
+                k = round(sparsity * score.numel())
+                mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+                mask[_smallest(score.flatten(), k)] = False
+                self.masks[name] = mask.view_as(score)
+        else:
+            flat = torch.cat([s.flatten() for s in scores.values()])
+            keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+            keep[_smallest(flat, round(sparsity * flat.numel()))] = False
+            for name, chunk in zip(scores, keep.split([s.numel() for s in scores.values()])):
+                self.masks[name] = chunk.view_as(scores[name])
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned weights in place."""
+        for name, p in self.parameters.items():
+            p.mul_(self.masks[name])
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights, so optimizer state does not build up for them."""
+        for name, p in self.parameters.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[name])
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask gradients before and weights after every `optimizer.step()` (idempotent)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if id(optimizer) in self._hooked:
+            return
+        optimizer.register_step_pre_hook(lambda *_: self.mask_gradients())
+        optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        self._hooked.add(id(optimizer))
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Measured fraction of exact zeros among the prunable weights."""
+        zeros = sum(int((p == 0).sum()) for p in self.parameters.values())
+        return zeros / sum(p.numel() for p in self.parameters.values())
+
+    @torch.no_grad()
+    def layer_sparsity(self) -> dict[str, float]:
+        """Measured fraction of exact zeros per prunable weight."""
+        return {name: float((p == 0).float().mean()) for name, p in self.parameters.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mask.clone() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.masks) - set(state)
+        if missing:
+            raise ValueError(f"Pruning masks missing for {sorted(missing)}: the checkpoint is for another model.")
+        for name in self.masks:
+            self.masks[name] = state[name].to(self.masks[name].device, torch.bool)
+        self.apply_masks()

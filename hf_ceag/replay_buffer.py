@@ -1,0 +1,72 @@
+"""Per-group replay buffers: the k most recent values (0/1 correctness, or losses) of every group.
+
+A small group's accuracy estimated on one mini-batch is very noisy; CEAG instead estimates it from the
+group's k most recent training predictions (DESIGN §2.3). The buffers are one `[num_groups, k]` tensor
+updated with tensor operations only, whatever the number of groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    """Ring buffers of capacity `capacity`, one per group, stored as a `[num_groups, capacity]` tensor.
+
+    `update(group_ids, values)` appends the values in batch order; when a group receives more than
+    `capacity` values in one call, only its last `capacity` values are kept.
+    """
+
+    def __init__(self, num_groups: int, capacity: int, device: torch.device | str = "cpu") -> None:
+        if num_groups < 1:
+            raise ValueError(f"ReplayBuffer: num_groups must be >= 1, got {num_groups}.")
+        if capacity < 1:
+            raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}.")
+        self.num_groups = num_groups
+        self.capacity = capacity
+        self.values = torch.zeros(num_groups, capacity, dtype=torch.float32, device=device)
+        self.position = torch.zeros(num_groups, dtype=torch.long, device=device)
+        self.count = torch.zeros(num_groups, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, group_ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Append `values[i]` to the buffer of group `group_ids[i]`, in order, for every i."""
+        group_ids = group_ids.to(self.values.device, torch.long).reshape(-1)
+        values = values.to(self.values.device, torch.float32).reshape(-1)
+        if group_ids.numel() == 0:
+            return
+        order = torch.sort(group_ids, stable=True).indices
+        sorted_ids = group_ids[order]
+        per_group = torch.bincount(sorted_ids, minlength=self.num_groups)
+        first = torch.cumsum(per_group, 0) - per_group
+        rank = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first[sorted_ids]
+        # Values older than the last `capacity` of a group would be overwritten in this same call:
+        # drop them so that no two writes hit the same slot.
+        keep = rank >= per_group[sorted_ids] - self.capacity
+        slot = (self.position[sorted_ids] + rank) % self.capacity
+        self.values[sorted_ids[keep], slot[keep]] = values[order][keep]
+        self.position = (self.position + per_group) % self.capacity
+        self.count = torch.clamp(self.count + per_group, max=self.capacity)
+
+    @property
+    def is_full(self) -> torch.Tensor:
+        """Boolean `[num_groups]`: which buffers hold `capacity` values."""
+        return self.count >= self.capacity
+
+    def means(self) -> torch.Tensor:
+        """Mean of each group's stored values, `[num_groups]` (0 for empty buffers)."""
+        # Until a buffer wraps, its values sit in slots [0, count) and the other slots are still zero.
+        return self.values.sum(dim=1) / self.count.clamp(min=1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.clone(), "position": self.position.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if tuple(state["values"].shape) != tuple(self.values.shape):
+            raise ValueError(
+                f"ReplayBuffer: saved buffers have shape {tuple(state['values'].shape)}, expected "
+                f"{tuple(self.values.shape)} (num_groups, buffer_size): the groups or buffer_size changed."
+            )
+        self.values.copy_(state["values"])
+        self.position.copy_(state["position"])
+        self.count.copy_(state["count"])

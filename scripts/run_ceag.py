@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Prune a dense image classifier with each mitigation and report every group's accuracy change.
+
+With no arguments it runs the embedded default end to end, offline: trains a small dense timm model on
+scikit-learn's digits (reused on later runs), prunes it with NFT and with CEAG, and prints per group and
+per split n, dense and sparse accuracy, ψ_g and whether max ψ_g <= ε.
+
+    python scripts/run_ceag.py --output_dir outputs/digits
+    python scripts/run_ceag.py --dataset_name imagefolder --data_dir my_images --group_columns skin_tone \
+        --model_name_or_path resnet18 --image_size 64 --output_dir outputs/mine
+
+Every `CEAGConfig` / `TrainingArguments` flag works (`--help` lists them); it runs under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import datasets
+from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, set_seed
+
+from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier, format_report, load_digits_dataset, load_image_dataset
+from hf_ceag.report import save_report
+
+METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
+
+# The embedded recipe: what the defaults of the generic TrainingArguments become in this script.
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/ceag-digits",
+    "num_train_epochs": 8,
+    "learning_rate": 0.01,
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    "lr_scheduler_type": "constant",
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "weight_decay": 0.0,
+    "target_sparsity": 0.9,
+    "pruning_end_epoch": 3.0,
+    "pruning_frequency": 5,
+    "dual_lr": 1e-2,
+    "tolerance": 0.01,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "seed": 0,
+}
+
+
+@dataclass
+class ScriptArguments:
+    """Data, model and which methods to run."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset id, 'imagefolder' (with --data_dir) or a csv of image paths. Default: the "
+            "embedded digits data (no network)."
+        },
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of the data for 'imagefolder'."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    image_size: int = field(default=32, metadata={"help": "Images are resized to image_size × image_size."})
+    test_size: float = field(default=0.25, metadata={"help": "Held-out fraction when the data has no test split."})
+    digits_variant: str = field(
+        default="imbalanced",
+        metadata={
+            "help": "Embedded data only: 'imbalanced' keeps 20 % of the training rows of digits 3 and 8 (strong "
+            "disparate impact); 'balanced' keeps all.",
+            "choices": ["balanced", "imbalanced"],
+        },
+    )
+    model_name_or_path: str = field(
+        default="test_resnet",
+        metadata={
+            "help": "Dense model: a save_pretrained folder (used as is), or a timm architecture / transformers "
+            "model type trained from scratch here."
+        },
+    )
+    dense_epochs: float = field(default=15, metadata={"help": "Epochs of dense training when no dense model exists."})
+    dense_learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of dense training."})
+    methods: list[str] = field(
+        default_factory=lambda: ["none", "ceag"],
+        metadata={"help": "Mitigations to run, each into its own folder: none (nft), ceag, equalized_loss (el)."},
+    )
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHOD_FOLDERS]
+        if bad:
+            raise ValueError(f"--methods: {bad} unknown; choose from {list(METHOD_FOLDERS)}.")
+        if self.dataset_name == "imagefolder" and not self.data_dir:
+            raise ValueError("--dataset_name imagefolder needs --data_dir.")
+
+
+def load_data(script: ScriptArguments, config: CEAGConfig) -> tuple[datasets.DatasetDict, int]:
+    """The train/test DatasetDict and the number of image channels."""
+    if script.dataset_name is None:
+        rare = (3, 8) if script.digits_variant == "imbalanced" else ()
+        return load_digits_dataset(image_size=script.image_size, seed=config.seed, rare_groups=rare), 1
+    data = load_image_dataset(
+        script.dataset_name,
+        config.group_columns,
+        image_column=script.image_column,
+        label_column=script.label_column,
+        data_dir=script.data_dir,
+        image_size=script.image_size,
+        test_size=script.test_size,
+        seed=config.seed,
+    )
+    return data, 3
+
+
+def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.DatasetDict, channels: int):
+    """The dense model folder's model: reused if `OUTPUT_DIR/dense` exists, else trained and saved there."""
+    dense_dir = os.path.join(config.output_dir, "dense")
+    if os.path.isfile(os.path.join(dense_dir, "config.json")):
+        print(f"Reusing the dense model in {dense_dir}")
+        return dense_dir
+    if os.path.isdir(script.model_name_or_path):
+        return script.model_name_or_path
+    labels = data["train"].features["label"]
+    id2label = dict(enumerate(labels.names)) if isinstance(labels, datasets.ClassLabel) else None
+    num_labels = labels.num_classes if isinstance(labels, datasets.ClassLabel) else None
+    if num_labels is None:
+        num_labels = int(max(data["train"].with_format(None)["label"])) + 1
+    set_seed(config.seed)
+    model = build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size)
+    dense_args = dataclasses.replace(
+        config, output_dir=dense_dir, num_train_epochs=script.dense_epochs, learning_rate=script.dense_learning_rate,
+        lr_scheduler_type="cosine", mitigation="none", target_sparsity=0.0,
+    )
+    train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
+    start = time.time()
+    trainer = Trainer(model=model, args=dense_args, train_dataset=train)
+    trainer.train()
+    trainer.save_model(dense_dir)
+    if trainer.is_world_process_zero():
+        print(f"Dense model trained in {time.time() - start:.0f} s and saved to {dense_dir}")
+    return dense_dir
+
+
+def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict) -> dict:
+    """Prune the dense model with one mitigation; save model and report.json into OUTPUT_DIR/<method>."""
+    out = os.path.join(config.output_dir, METHOD_FOLDERS[mitigation])
+    args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
+    set_seed(args.seed)
+    model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
+    trainer = CEAGTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset={"test": data["test"]})
+    start = time.time()
+    trainer.train()
+    report = trainer.group_report()
+    report["train_seconds"] = round(time.time() - start, 1)
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        save_report(report, out)
+        with open(os.path.join(out, "run_config.json"), "w") as f:
+            f.write(args.to_json_string())
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = HfArgumentParser((ScriptArguments, CEAGConfig))
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+        script, config = loader(os.path.abspath(sys.argv[1]))
+    else:
+        script, config = parser.parse_args_into_dataclasses(args=argv)
+    start = time.time()
+    data, channels = load_data(script, config)
+    dense_dir = dense_model(script, config, data, channels)
+    reports = {METHOD_FOLDERS[m]: prune_with(m, dense_dir, config, data) for m in script.methods}
+    if config.process_index == 0:
+        for name, report in reports.items():
+            print(f"\n=== {name} ===\n{format_report(report)}")
+        print("\nSummary (max excess accuracy gap; tolerance {:g}):".format(config.tolerance))
+        for name, report in reports.items():
+            cells = [
+                f"{split} {s['max_excess_gap']:+.4f} ({'within' if s['satisfied'] else 'OVER'})"
+                for split, s in report["splits"].items()
+            ]
+            print(f"  {name:<6} " + "   ".join(cells) + f"   test accuracy {report['splits']['test']['accuracy_sparse']:.4f}")
+        print(f"Total time {time.time() - start:.0f} s. Outputs in {config.output_dir}")
+        print(json.dumps({name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}))
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from hf_ceag import DenseReference, EqualizedLossProblem, ExcessAccuracyGapProblem
+
+
+def reference(num_groups=3):
+    return DenseReference(
+        group_names=[f"g{i}" for i in range(num_groups)],
+        group_counts=[50] * num_groups,
+        group_accuracy=[0.9] * num_groups,
+        group_loss=[0.3] * num_groups,
+    )
+
+
+def dual_step(problem, state, lr):
+    optimizer = torch.optim.SGD(problem.dual_parameters(), lr=lr, maximize=True)
+    optimizer.zero_grad(set_to_none=True)
+    dual = state.compute_dual_lagrangian()
+    if dual.lagrangian is not None:
+        dual.lagrangian.backward()
+        optimizer.step()
+        problem.multiplier.post_step_()
+
+
+def test_multipliers_rise_for_violated_groups_stay_nonnegative_and_wait_for_full_buffers():
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=4, tolerance=0.05)
+    # group 0: all wrong (violated); group 1: all right (satisfied); group 2: one sample a step (not full)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    correct = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0]).float()
+    for step in range(3):
+        problem.observe(ids, correct, torch.zeros(9))
+        losses = torch.rand(9, requires_grad=True)
+        dual_step(problem, problem.compute_cmp_state(losses, ids), lr=0.5)
+        lam = problem.multipliers_tensor()
+        psi = problem.estimated_gaps()
+        assert problem.ready.tolist() == [True, True, False]
+        assert lam[0] > 0 and lam[1] == 0 and lam[2] == 0
+        assert (lam >= 0).all()
+    # by hand: all three groups observed, each 1/3 of training; sparse accuracies (0, 1, 0) → overall 1/3
+    assert psi[0].item() == pytest.approx((0.9 - 0.0) - (0.9 - 1 / 3))
+    assert lam[0].item() == pytest.approx(3 * 0.5 * (psi[0].item() - 0.05))
+
+
+def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates():
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0)
+    with torch.no_grad():
+        problem.multiplier.weight.copy_(torch.tensor([[0.2], [0.0], [0.7]]))
+    losses = torch.tensor([0.1, 0.5, 0.9, 1.3], requires_grad=True)
+    ids = torch.tensor([0, 0, 2, 1])
+    state = problem.compute_cmp_state(losses, ids, update_duals=False)
+    state.compute_primal_lagrangian().lagrangian.backward()
+    # L = mean; ψ̃_g = L_g − L + const → dL/dl_i = 1/4; dL_0/dl_i = 1/2 for i in {0,1}; dL_2/dl_2 = 1
+    lam0, lam2 = 0.2, 0.7
+    expected = torch.full((4,), 0.25) * (1 - lam0 - lam2) + torch.tensor([lam0 / 2, lam0 / 2, lam2, 0.0])
+    torch.testing.assert_close(losses.grad, expected)
+
+
+def test_equalized_loss_multipliers_take_either_sign():
+    problem = EqualizedLossProblem(reference(2), buffer_size=0)
+    ids = torch.tensor([0, 0, 1, 1])
+    losses = torch.tensor([2.0, 2.0, 0.0, 0.0])
+    problem.observe(ids, torch.ones(4), losses)
+    dual_step(problem, problem.compute_cmp_state(losses.clone().requires_grad_(), ids), lr=1.0)
+    lam = problem.multipliers_tensor()
+    assert lam[0] == pytest.approx(1.0) and lam[1] == pytest.approx(-1.0)  # L_g − L = ±1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="tolerance"):
+        ExcessAccuracyGapProblem(reference(), buffer_size=4, tolerance=-0.1)
+    with pytest.raises(ValueError, match="buffer_size"):
+        ExcessAccuracyGapProblem(reference(), buffer_size=-1, tolerance=0.1)

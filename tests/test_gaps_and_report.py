@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from hf_ceag import excess_gaps, split_report
+from hf_ceag.gaps import buffer_excess_gaps
+
+
+def test_excess_gap_by_hand():
+    # dense: group accuracies 0.9, 0.8; overall 0.85. sparse: 0.88, 0.6; overall 0.74.
+    psi = excess_gaps(torch.tensor([0.9, 0.8]), torch.tensor([0.88, 0.6]), torch.tensor(0.85), torch.tensor(0.74))
+    # Δ = 0.11; Δ_0 = 0.02 → ψ_0 = -0.09; Δ_1 = 0.2 → ψ_1 = 0.09
+    torch.testing.assert_close(psi, torch.tensor([-0.09, 0.09]))
+
+
+def test_buffer_gaps_weight_observed_groups_by_training_share():
+    dense = torch.tensor([1.0, 0.5, 0.9])
+    sparse = torch.tensor([0.8, 0.5, 0.0])
+    weights = torch.tensor([0.75, 0.25, 0.0])
+    observed = torch.tensor([True, True, False])
+    psi = buffer_excess_gaps(dense, sparse, weights, observed)
+    dense_all, sparse_all = 0.75 * 1.0 + 0.25 * 0.5, 0.75 * 0.8 + 0.25 * 0.5
+    expected = [(1.0 - 0.8) - (dense_all - sparse_all), (0.5 - 0.5) - (dense_all - sparse_all), 0.0]
+    torch.testing.assert_close(psi, torch.tensor(expected))
+
+
+def test_split_report_against_naive_count():
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 4, (300,), generator=gen)
+    dense = torch.rand(300, generator=gen) < 0.9
+    sparse = torch.rand(300, generator=gen) < 0.8
+    names = ["a", "b", "c", "d", "unseen"]
+    report = split_report(groups, dense, sparse, names, tolerance=0.01, num_constrained_groups=4)
+    overall_d = sum(dense.tolist()) / 300
+    overall_s = sum(sparse.tolist()) / 300
+    worst = -math.inf
+    for g, entry in enumerate(report["groups"]):
+        rows = [i for i in range(300) if groups[i] == g]
+        acc_d = sum(bool(dense[i]) for i in rows) / len(rows)
+        acc_s = sum(bool(sparse[i]) for i in rows) / len(rows)
+        assert entry["name"] == names[g] and entry["n"] == len(rows)
+        assert entry["accuracy_dense"] == pytest.approx(acc_d)
+        assert entry["accuracy_sparse"] == pytest.approx(acc_s)
+        assert entry["excess_gap"] == pytest.approx((acc_d - acc_s) - (overall_d - overall_s))
+        worst = max(worst, entry["excess_gap"])
+    assert len(report["groups"]) == 4  # group "unseen" has no rows in this split
+    assert report["max_excess_gap"] == pytest.approx(worst)
+    assert report["satisfied"] == (worst <= 0.01)

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from torch import nn
+
+from hf_ceag import CubicSchedule, MagnitudePruner, prunable_parameters
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.body = nn.Conv2d(4, 8, 3)
+        self.hidden = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.stem(x))).mean(dim=(2, 3))
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def test_cubic_schedule_values_by_hand():
+    s = CubicSchedule(initial=0.0, final=0.9, start=10, end=20, frequency=5)
+    assert s.sparsity_at(0) == 0.0 and s.sparsity_at(10) == 0.0
+    assert s.sparsity_at(15) == pytest.approx(0.9 + (0.0 - 0.9) * 0.5**3)  # 0.7875
+    assert s.sparsity_at(20) == 0.9 and s.sparsity_at(99) == 0.9
+    assert [t for t in range(30) if s.is_pruning_step(t)] == [10, 15, 20]
+    assert [t for t in range(30) if CubicSchedule(0, 0.5, 2, 9, 4).is_pruning_step(t)] == [2, 6, 9]
+
+
+def test_prunable_parameters_keep_first_conv_and_last_linear_dense():
+    net = Net()
+    assert set(prunable_parameters(net, True)) == {"body.weight", "hidden.weight"}
+    assert set(prunable_parameters(net, False)) == {"stem.weight", "body.weight", "hidden.weight", "head.weight"}
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_layerwise_sparsity_is_exact_per_layer(sparsity):
+    torch.manual_seed(0)
+    net = Net()
+    pruner = MagnitudePruner(prunable_parameters(net, True), "layerwise")
+    pruner.prune_to(sparsity)
+    for name, p in pruner.parameters.items():
+        assert int((p == 0).sum()) == round(sparsity * p.numel()), name
+    # the kept weights are the largest in magnitude
+    body = net.body.weight.detach().abs().flatten()
+    kept = body[body > 0]
+    assert kept.min() >= body[body == 0].max()
+    assert (net.stem.weight != 0).all() and (net.head.weight != 0).all()
+
+
+def test_global_sparsity_is_exact_overall_and_ranks_across_layers():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.hidden.weight.mul_(100.0)  # far larger than the conv weights: global pruning spares them first
+    pruner = MagnitudePruner(prunable_parameters(net, True), "global")
+    pruner.prune_to(0.5)
+    total = sum(p.numel() for p in pruner.parameters.values())
+    assert sum(int((p == 0).sum()) for p in pruner.parameters.values()) == round(0.5 * total)
+    assert (net.hidden.weight != 0).all()  # 208 zeros to place, 288 smaller conv weights to take them
+    assert pruner.sparsity() == pytest.approx(round(0.5 * total) / total)
+
+
+def test_masks_are_nested():
+    torch.manual_seed(0)
+    net = Net()
+    pruner = MagnitudePruner(prunable_parameters(net, False), "layerwise")
+    pruner.prune_to(0.3)
+    before = {k: m.clone() for k, m in pruner.masks.items()}
+    with torch.no_grad():
+        for p in pruner.parameters.values():
+            p.add_(torch.randn_like(p))  # weights move; pruned ones must still stay pruned
+    pruner.apply_masks()
+    pruner.prune_to(0.6)
+    for name, mask in pruner.masks.items():
+        assert not (mask & ~before[name]).any()
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum", "adamw"],
+)
+def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(make_optimizer):
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = make_optimizer(net.parameters())
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    for _ in range(3):  # build momentum / Adam moments while dense
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pruner = MagnitudePruner(prunable_parameters(net, True), "layerwise")
+    pruner.attach(optimizer)
+    pruner.attach(optimizer)  # idempotent
+    pruner.prune_to(0.8)
+    for _ in range(5):
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, p in pruner.parameters.items():
+            assert (p[~pruner.masks[name]] == 0).all(), name
+    # without the hooks the same steps would have revived pruned weights (the test can fail)
+    fresh = make_optimizer(net.parameters())
+    fresh.load_state_dict(optimizer.state_dict())
+    nn.functional.cross_entropy(net(x), y).backward()
+    fresh.step()
+    assert any((p[~pruner.masks[n]] != 0).any() for n, p in pruner.parameters.items())
+
+
+def test_model_without_prunable_layers_is_refused():
+    with pytest.raises(ValueError, match="no prunable layers"):
+        MagnitudePruner(prunable_parameters(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2)), True), "layerwise")

@@ -1,0 +1,46 @@
+from collections import deque
+
+import pytest
+import torch
+
+from hf_ceag import ReplayBuffer
+
+
+def naive_means(history, num_groups, capacity):
+    buffers = [deque(maxlen=capacity) for _ in range(num_groups)]
+    for g, v in history:
+        buffers[g].append(v)
+    means = [sum(b) / len(b) if b else 0.0 for b in buffers]
+    full = [len(b) == capacity for b in buffers]
+    return torch.tensor(means), torch.tensor(full), [list(b) for b in buffers]
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 7])
+def test_matches_naive_deque_over_random_batches(capacity):
+    gen = torch.Generator().manual_seed(capacity)
+    num_groups = 5
+    buffer = ReplayBuffer(num_groups, capacity)
+    history = []
+    for _ in range(30):
+        size = int(torch.randint(1, 20, (1,), generator=gen))
+        # skewed group draws so that some groups get more than `capacity` values in one batch
+        ids = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 0.2]), size, replacement=True, generator=gen)
+        values = torch.rand(size, generator=gen).round(decimals=2)
+        buffer.update(ids, values)
+        history += list(zip(ids.tolist(), values.tolist()))
+        means, full, contents = naive_means(history, num_groups, capacity)
+        torch.testing.assert_close(buffer.means(), means, rtol=0, atol=1e-6)
+        assert buffer.is_full.tolist() == full.tolist()
+        for g in range(num_groups):
+            stored = sorted(buffer.values[g, : int(buffer.count[g])].tolist())
+            assert stored == pytest.approx(sorted(contents[g]), abs=1e-6)
+
+
+def test_state_dict_round_trip_and_shape_check():
+    buffer = ReplayBuffer(3, 4)
+    buffer.update(torch.tensor([0, 0, 2]), torch.tensor([1.0, 0.0, 1.0]))
+    other = ReplayBuffer(3, 4)
+    other.load_state_dict(buffer.state_dict())
+    torch.testing.assert_close(other.means(), buffer.means())
+    with pytest.raises(ValueError, match="buffer_size"):
+        ReplayBuffer(3, 5).load_state_dict(buffer.state_dict())
