@@ -1,0 +1,52 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from hf_ceag import load_digits_dataset
+
+    return load_digits_dataset(image_size=16, rare_groups=(3, 8))
+
+
+@pytest.fixture
+def tiny_model():
+    from transformers import set_seed
+
+    from hf_ceag import build_classifier
+
+    set_seed(0)
+    return build_classifier("test_resnet", num_labels=10, channels=1)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    from hf_ceag import CEAGConfig
+
+    def make(**overrides):
+        values = dict(
+            output_dir=str(tmp_path / "out"),
+            max_steps=12,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=256,
+            learning_rate=0.01,
+            optim="sgd",
+            optim_args="momentum=0.9",
+            pruning_end_epoch=0.2,
+            pruning_frequency=2,
+            target_sparsity=0.8,
+            buffer_size=4,
+            logging_steps=4,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        )
+        values.update(overrides)
+        return CEAGConfig(**values)
+
+    return make

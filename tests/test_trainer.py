@@ -1,0 +1,110 @@
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from torch import nn
+
+from hf_ceag import CEAGTrainer, DenseReference
+from hf_ceag.reference import REFERENCE_FILE
+
+
+def dense_statistics_by_hand(model, dataset):
+    """Independent per-group accuracy of the dense model: a plain loop in eval mode."""
+    model.eval()
+    hits, counts = [0] * 10, [0] * 10
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(pixel_values=row["pixel_values"][None]).logits
+            g = int(row["group"])
+            hits[g] += int(logits.argmax() == row["label"])
+            counts[g] += 1
+    return [h / c for h, c in zip(hits, counts)], counts
+
+
+def test_trains_prunes_logs_and_saves_reference(tiny_model, digits, make_config):
+    expected_acc, expected_counts = dense_statistics_by_hand(tiny_model, digits["train"])
+    config = make_config(remove_unused_columns=True, mitigation="ceag", dual_lr=0.5)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]})
+    trainer.train()
+
+    reference = DenseReference.load(os.path.join(config.output_dir, REFERENCE_FILE))
+    assert reference.group_counts == expected_counts
+    assert reference.group_accuracy == pytest.approx(expected_acc)
+
+    # exact sparsity in pruned layers, first conv and classifier dense
+    for name, p in trainer.pruner.parameters.items():
+        assert int((p == 0).sum()) == round(0.8 * p.numel()), name
+    assert "timm_model.conv1.0.weight" not in trainer.pruner.parameters
+    assert (tiny_model.timm_model.conv1[0].weight != 0).all() and (tiny_model.timm_model.fc.weight != 0).all()
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("max_excess_gap_estimate", "multiplier_mean", "multiplier_max", "sparsity", "full_buffers"):
+        assert key in logs[-1], key
+    assert logs[-1]["sparsity"] == pytest.approx(0.8, abs=1e-6)
+    assert logs[-1]["full_buffers"] == 10
+    assert trainer.problem.multipliers_tensor().min() >= 0
+
+    report = trainer.group_report()
+    assert set(report["splits"]) == {"train", "test"}
+    train = report["splits"]["train"]
+    assert [g["n"] for g in train["groups"]] == expected_counts
+    assert [g["accuracy_dense"] for g in train["groups"]] == pytest.approx(expected_acc)
+
+
+def test_saved_sparse_model_loads_without_hf_ceag(tmp_path, tiny_model, digits, make_config):
+    config = make_config(mitigation="none")
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    trainer.train()
+    folder = tmp_path / "sparse"
+    trainer.save_model(str(folder))
+    assert (folder / "model.safetensors").exists()
+    x = digits["test"][:8]["pixel_values"]
+    tiny_model.eval()
+    with torch.no_grad():
+        expected = tiny_model(pixel_values=x).logits
+    torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
+    zeros = {n: int((p == 0).sum()) for n, p in tiny_model.named_parameters()}
+    (tmp_path / "zeros.json").write_text(json.dumps(zeros))
+    code = f"""
+import json, sys
+sys.modules["hf_ceag"] = None  # any import of hf_ceag would fail
+sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
+import torch
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, use_safetensors=True).eval()
+data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+with torch.no_grad():
+    logits = model(pixel_values=data["x"]).logits
+torch.testing.assert_close(logits, data["logits"])
+zeros = {{n: int((p == 0).sum()) for n, p in model.named_parameters()}}
+assert zeros == json.load(open({str(tmp_path / "zeros.json")!r})), "zero pattern differs"
+print("OK", sum(zeros.values()))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("OK") and int(result.stdout.split()[1]) > 0
+
+
+def test_bad_input_is_refused_before_training(tiny_model, digits, make_config):
+    train = digits["train"]
+    with pytest.raises(ValueError, match=r"'grup' is not in the train dataset. Available columns: .*'group'"):
+        CEAGTrainer(tiny_model, make_config(group_columns=["grup"]), train_dataset=train)
+    relabelled = train.with_format(None).cast_column("label", datasets.Value("int64"))
+    bad_labels = relabelled.map(lambda row: {"label": row["label"] + 5})
+    with pytest.raises(ValueError, match=r"label\(s\) \[10, 11, 12, 13, 14\] outside the model's classes 0..9"):
+        CEAGTrainer(tiny_model, make_config(), train_dataset=bad_labels)
+    with pytest.raises(ValueError, match="no prunable layers"):
+        CEAGTrainer(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 10)), make_config(), train_dataset=train)
+    trainer = CEAGTrainer(tiny_model, make_config(pruning_end_epoch=50.0), train_dataset=train)
+    with pytest.raises(ValueError, match="pruning_end_epoch=50 .* is after the end of training"):
+        trainer.train()
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, REFERENCE_FILE))
+
+
+def test_small_groups_warn_with_their_names(tiny_model, digits, make_config):
+    with pytest.warns(UserWarning, match=r"\['3 \(n=27\)', '8 \(n=26\)'\] have fewer training samples than buffer_size=40"):
+        CEAGTrainer(tiny_model, make_config(buffer_size=40), train_dataset=digits["train"])
