@@ -106,7 +106,8 @@ def load_image_dataset(
 ) -> datasets.DatasetDict:
     """Load user image data with group columns and transform images on the fly to `pixel_values`.
 
-    `dataset_name` is a Hub id, `imagefolder` (with `data_dir`; group columns from its metadata.csv), or a
+    `dataset_name` is a Hub id, `imagefolder` (with `data_dir`; labels from the sub-folder names, or with
+    group columns, from its metadata.csv beside `file_name`), or a
     path to a csv file with an image-path column (paths relative to the csv). Without a `test` split, a
     split stratified by the first group column is made with a fixed seed.
     """
@@ -133,6 +134,9 @@ def load_image_dataset(
             )
     if label_column != "label":
         loaded = loaded.rename_column(label_column, "label")
+    label_feature = loaded["train"].features["label"]
+    if not isinstance(label_feature, datasets.ClassLabel) and not str(label_feature.dtype).startswith("int"):
+        loaded = loaded.class_encode_column("label")  # class names (strings, bools) → ClassLabel ids
     if "test" not in loaded:
         train = loaded["train"]
         stratify = group_columns[0] if isinstance(train.features[group_columns[0]], datasets.ClassLabel) else None

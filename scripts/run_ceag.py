@@ -40,10 +40,11 @@ RECIPE_DEFAULTS = {
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
     "weight_decay": 0.0,
-    "target_sparsity": 0.9,
+    "target_sparsity": 0.93,
     "pruning_end_epoch": 3.0,
     "pruning_frequency": 5,
-    "dual_lr": 1e-2,
+    "dual_lr": 0.1,
+    "buffer_size": 20,  # the rare digits have 26-27 training rows: a buffer of 40 would never fill
     "tolerance": 0.01,
     "logging_steps": 20,
     "save_strategy": "no",
@@ -68,7 +69,10 @@ class ScriptArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Folder of the data for 'imagefolder'."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
-    image_size: int = field(default=32, metadata={"help": "Images are resized to image_size × image_size."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Images are resized to image_size × image_size (default: 16 for digits, 64 otherwise)."},
+    )
     test_size: float = field(default=0.25, metadata={"help": "Held-out fraction when the data has no test split."})
     digits_variant: str = field(
         default="imbalanced",
@@ -93,6 +97,8 @@ class ScriptArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.image_size is None:
+            self.image_size = 16 if self.dataset_name is None else 64
         bad = [m for m in self.methods if m not in METHOD_FOLDERS]
         if bad:
             raise ValueError(f"--methods: {bad} unknown; choose from {list(METHOD_FOLDERS)}.")

@@ -1,0 +1,45 @@
+"""The README cannot drift: its commands are the ones CI and the tests run, and its Python example runs."""
+
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_quickstart_commands_are_the_ones_ci_and_tests_run():
+    bash = [block.strip() for block in code_blocks("bash")]
+    run_default, run_tests = bash[0], bash[1]
+    assert run_default.endswith("python scripts/run_ceag.py")  # exercised by test_end_to_end.py
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert run_tests in ci.splitlines()
+
+
+def test_cli_example_flags_exist():
+    from scripts.run_ceag import RECIPE_DEFAULTS, ScriptArguments  # noqa: F401
+    from transformers import HfArgumentParser
+
+    from hf_ceag import CEAGConfig
+
+    parser = HfArgumentParser((ScriptArguments, CEAGConfig))
+    example = code_blocks("bash")[2].replace("\\\n", " ").split()
+    args = example[example.index("scripts/run_ceag.py") + 1 :]
+    script, config = parser.parse_args_into_dataclasses(args=args)
+    assert script.dataset_name == "imagefolder" and config.group_columns == ["tone"]
+
+
+def test_python_example_runs(tmp_path):
+    code = code_blocks("python")[0]
+    code = code.replace("num_train_epochs=2", "max_steps=6").replace("pruning_end_epoch=1", "pruning_end_epoch=0.02")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "out" / "sparse" / "model.safetensors").exists()

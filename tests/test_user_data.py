@@ -1,0 +1,67 @@
+"""Real-data path of run_ceag.py, offline: an image folder and a csv of image paths the test generates."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_ceag import load_image_dataset
+
+run_ceag = pytest.importorskip("scripts.run_ceag")
+
+
+def make_images(root, n=48):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        label = ["cat", "dog", "owl"][i % 3]
+        tone = ["light", "dark"][(i // 3) % 2]
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        pixels[..., i % 3] = 255  # the class is learnable from the colour
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{label}/{i}.png", "tone": tone, "label_name": label})
+    return rows
+
+
+def test_imagefolder_end_to_end_through_the_cli(tmp_path):
+    rows = make_images(tmp_path / "images")
+    with open(tmp_path / "images" / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "tone", "label_name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    reports = run_ceag.main(
+        [
+            "--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "images"), "--group_columns", "tone",
+            "--label_column", "label_name",
+            "--model_name_or_path", "test_resnet", "--image_size", "16", "--dense_epochs", "1",
+            "--num_train_epochs", "2", "--pruning_end_epoch", "1", "--buffer_size", "4",
+            "--methods", "ceag", "--output_dir", str(out), "--disable_tqdm", "true",
+        ]
+    )
+    report = json.loads((out / "ceag" / "report.json").read_text())
+    assert report == json.loads(json.dumps(reports["ceag"]))
+    assert {g["name"] for g in report["splits"]["train"]["groups"]} == {"light", "dark"}
+    assert sum(g["n"] for g in report["splits"]["test"]["groups"]) == report["splits"]["test"]["n"]
+    assert (out / "dense" / "model.safetensors").exists() and (out / "ceag" / "model.safetensors").exists()
+
+
+def test_csv_of_image_paths_and_missing_columns(tmp_path):
+    rows = make_images(tmp_path / "images", n=12)
+    with open(tmp_path / "images" / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "species", "tone"])
+        writer.writeheader()
+        writer.writerows({"path": r["file_name"], "species": "cat" in r["file_name"], "tone": r["tone"]} for r in rows)
+    data = load_image_dataset(
+        str(tmp_path / "images" / "labels.csv"), ["tone"], image_column="path", label_column="species",
+        image_size=8, test_size=0.25,
+    )
+    row = data["train"][0]
+    assert tuple(row["pixel_values"].shape) == (3, 8, 8) and row["tone"] in ("light", "dark")
+    assert len(data["train"]) + len(data["test"]) == 12
+    with pytest.raises(ValueError, match=r"\['skin'\] not in dataset .* --group_columns"):
+        load_image_dataset(str(tmp_path / "images" / "labels.csv"), ["skin"], image_column="path", label_column="species")
