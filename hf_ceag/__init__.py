@@ -18,13 +18,13 @@ from .report import format_report, save_report, split_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "GROUP_ID_COLUMN",
     "CEAGConfig",
     "CEAGTrainer",
     "CubicSchedule",
     "DenseReference",
     "EqualizedLossProblem",
     "ExcessAccuracyGapProblem",
-    "GROUP_ID_COLUMN",
     "GroupIndex",
     "MagnitudePruner",
     "ReplayBuffer",

@@ -41,7 +41,9 @@ class CEAGConfig(TrainingArguments):
     )
     dual_lr: float = field(
         default=1e-2,
-        metadata={"help": "Learning rate of the Lagrange multipliers (plain projected SGD ascent). Keep it small."},
+        metadata={
+            "help": "Learning rate of the Lagrange multipliers (plain projected SGD ascent). Keep it small."
+        },
     )
     target_sparsity: float = field(
         default=0.9, metadata={"help": "Final fraction of zero weights in the pruned layers, in [0, 1)."}

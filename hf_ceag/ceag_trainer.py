@@ -65,7 +65,7 @@ class CEAGTrainer(Trainer):
         if model is None:
             raise ValueError("CEAGTrainer: pass the dense model as `model` (model_init is not supported).")
         if not isinstance(train_dataset, datasets.Dataset):
-            raise ValueError(
+            raise TypeError(
                 "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
                 f"{config.group_columns}; got {type(train_dataset).__name__}."
             )
@@ -74,9 +74,14 @@ class CEAGTrainer(Trainer):
         _warn_small_groups(self.group_index, config.buffer_size)
         params["train_dataset"] = self.group_index.encode(train_dataset, "train")
         params["eval_dataset"] = self._encode_eval(params.get("eval_dataset"), model)
-        pruner = MagnitudePruner(prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope)
+        MagnitudePruner(
+            prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope
+        )  # validates
         super().__init__(**params)
-        self.pruner = pruner
+        # Built after the Trainer placed the model on its device, so the masks live beside the weights.
+        self.pruner = MagnitudePruner(
+            prunable_parameters(self.model, config.keep_first_last_dense), config.pruning_scope
+        )
         self.dense_reference = dense_reference
         if dense_reference is not None and dense_reference.group_names != self.group_index.names:
             raise ValueError(
@@ -99,7 +104,7 @@ class CEAGTrainer(Trainer):
         encoded = {}
         for name, dataset in named.items():
             if not isinstance(dataset, datasets.Dataset):
-                raise ValueError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
+                raise TypeError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
             _check_labels(dataset, model, name)
             encoded[name] = self.group_index.encode(dataset, name)
         return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
@@ -128,7 +133,9 @@ class CEAGTrainer(Trainer):
         if self.problem is None:
             self.problem = self._build_problem(self.dense_reference)
             if self.args.mitigation != "none":
-                self.dual_optimizer = torch.optim.SGD(self.problem.dual_parameters(), lr=self.args.dual_lr, maximize=True)
+                self.dual_optimizer = torch.optim.SGD(
+                    self.problem.dual_parameters(), lr=self.args.dual_lr, maximize=True
+                )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _steps_per_epoch(self) -> int:
@@ -155,7 +162,9 @@ class CEAGTrainer(Trainer):
         """One eval-mode pass of the (still dense) model over train and eval splits: the reference and the
         per-sample dense correctness that reports compare against."""
         logits, labels, groups = self._predict(self.train_dataset, "dense_train")
-        reference = DenseReference.from_predictions(logits, labels, groups, self.group_index.names[: self.group_index.num_groups])
+        reference = DenseReference.from_predictions(
+            logits, labels, groups, self.group_index.names[: self.group_index.num_groups]
+        )
         self.dense_correct["train"] = logits.argmax(-1) == labels
         for name, dataset in self._eval_splits().items():
             logits, labels, _ = self._predict(dataset, f"dense_{name}")
@@ -252,7 +261,11 @@ class CEAGTrainer(Trainer):
     def _record_metrics(self, ce_loss: torch.Tensor) -> None:
         gaps, ready = self.problem.estimated_gaps(), self.problem.ready
         multipliers = self.problem.multipliers_tensor()
-        name = "max_excess_gap_estimate" if isinstance(self.problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
+        name = (
+            "max_excess_gap_estimate"
+            if isinstance(self.problem, ExcessAccuracyGapProblem)
+            else "max_loss_gap_estimate"
+        )
         self._metrics["ce_loss"].append(ce_loss)
         self._metrics[name].append(gaps.masked_fill(~ready, float("-inf")).max())
         self._metrics["multiplier_mean"].append(multipliers.mean())
@@ -343,4 +356,3 @@ def _warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
             "never fill, so their constraints never take a dual step. Lower buffer_size or merge groups.",
             stacklevel=3,
         )
-

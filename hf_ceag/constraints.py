@@ -22,7 +22,9 @@ from .reference import DenseReference
 from .replay_buffer import ReplayBuffer
 
 
-def group_means(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_means(
+    values: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean of `values` (0 for absent groups) and per-group counts, without a loop over groups."""
     counts = torch.bincount(group_ids, minlength=num_groups)
     sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group_ids, values)
@@ -47,7 +49,9 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         self.reference = {k: v.to(device) for k, v in reference.tensors().items()}
         self.dense_loss = torch.tensor(reference.loss, dtype=torch.float32, device=device)
         self.multiplier = IndexedMultiplier(num_constraints=self.num_groups, device=device)
-        self.group_constraint = Constraint(self.constraint_type, formulation_type=Lagrangian, multiplier=self.multiplier)
+        self.group_constraint = Constraint(
+            self.constraint_type, formulation_type=Lagrangian, multiplier=self.multiplier
+        )
         self.buffer = ReplayBuffer(self.num_groups, buffer_size, device) if buffer_size > 0 else None
         zeros = torch.zeros(self.num_groups, device=device)
         self.group_estimate, self.estimate_weights = zeros, zeros.clone()

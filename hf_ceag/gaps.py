@@ -1,8 +1,8 @@
 """The excess accuracy gap ψ_g, the one formula the trainer, the logs and the reports share.
 
-    Δ_g = Acc_dense(g) − Acc_sparse(g)      accuracy lost by group g
-    Δ   = Acc_dense    − Acc_sparse         accuracy lost overall
-    ψ_g = Δ_g − Δ                           excess accuracy gap of group g (DESIGN §2)
+Δ_g = Acc_dense(g) − Acc_sparse(g)      accuracy lost by group g
+Δ   = Acc_dense    − Acc_sparse         accuracy lost overall
+ψ_g = Δ_g − Δ                           excess accuracy gap of group g (DESIGN §2)
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import torch
 
 
 def excess_gaps(
-    dense_group: torch.Tensor, sparse_group: torch.Tensor, dense_overall: torch.Tensor, sparse_overall: torch.Tensor
+    dense_group: torch.Tensor,
+    sparse_group: torch.Tensor,
+    dense_overall: torch.Tensor,
+    sparse_overall: torch.Tensor,
 ) -> torch.Tensor:
     """ψ_g = (dense_group − sparse_group) − (dense_overall − sparse_overall), elementwise over groups."""
     return (dense_group - sparse_group) - (dense_overall - sparse_overall)

@@ -49,7 +49,11 @@ def build_classifier(
         return TimmWrapperForImageClassification(config)
     try:
         config = AutoConfig.for_model(
-            name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, num_channels=channels,
+            name_or_path,
+            num_labels=num_labels,
+            id2label=id2label,
+            label2id=label2id,
+            num_channels=channels,
             image_size=image_size,
         )
     except ValueError as error:

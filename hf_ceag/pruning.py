@@ -99,7 +99,9 @@ class MagnitudePruner:
         Already-pruned weights rank below every kept weight, so masks only ever grow sparser.
         """
         scores = {
-            name: torch.where(self.masks[name], p.detach().abs().float(), torch.full_like(p, -1.0, dtype=torch.float))
+            name: torch.where(
+                self.masks[name], p.detach().abs().float(), torch.full_like(p, -1.0, dtype=torch.float)
+            )
             for name, p in self.parameters.items()
         }
         if self.scope == "layerwise":

@@ -31,7 +31,9 @@ class DenseReference:
     def __post_init__(self) -> None:
         n = len(self.group_names)
         if not (len(self.group_counts) == len(self.group_accuracy) == len(self.group_loss) == n):
-            raise ValueError("DenseReference: group_names, group_counts, group_accuracy, group_loss differ in length.")
+            raise ValueError(
+                "DenseReference: group_names, group_counts, group_accuracy, group_loss differ in length."
+            )
         if any(c < 1 for c in self.group_counts):
             raise ValueError("DenseReference: every group needs at least one training sample.")
         total = sum(self.group_counts)

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import datasets
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, set_seed
 
-from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier, format_report, load_digits_dataset, load_image_dataset
+from hf_ceag import (
+    CEAGConfig,
+    CEAGTrainer,
+    build_classifier,
+    format_report,
+    load_digits_dataset,
+    load_image_dataset,
+)
 from hf_ceag.report import save_report
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
@@ -89,7 +96,9 @@ class ScriptArguments:
             "model type trained from scratch here."
         },
     )
-    dense_epochs: float = field(default=15, metadata={"help": "Epochs of dense training when no dense model exists."})
+    dense_epochs: float = field(
+        default=15, metadata={"help": "Epochs of dense training when no dense model exists."}
+    )
     dense_learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of dense training."})
     methods: list[str] = field(
         default_factory=lambda: ["none", "ceag"],
@@ -140,8 +149,13 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     set_seed(config.seed)
     model = build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size)
     dense_args = dataclasses.replace(
-        config, output_dir=dense_dir, num_train_epochs=script.dense_epochs, learning_rate=script.dense_learning_rate,
-        lr_scheduler_type="cosine", mitigation="none", target_sparsity=0.0,
+        config,
+        output_dir=dense_dir,
+        num_train_epochs=script.dense_epochs,
+        learning_rate=script.dense_learning_rate,
+        lr_scheduler_type="cosine",
+        mitigation="none",
+        target_sparsity=0.0,
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
@@ -187,13 +201,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")
-        print("\nSummary (max excess accuracy gap; tolerance {:g}):".format(config.tolerance))
+        print(f"\nSummary (max excess accuracy gap; tolerance {config.tolerance:g}):")
         for name, report in reports.items():
             cells = [
                 f"{split} {s['max_excess_gap']:+.4f} ({'within' if s['satisfied'] else 'OVER'})"
                 for split, s in report["splits"].items()
             ]
-            print(f"  {name:<6} " + "   ".join(cells) + f"   test accuracy {report['splits']['test']['accuracy_sparse']:.4f}")
+            print(
+                f"  {name:<6} "
+                + "   ".join(cells)
+                + f"   test accuracy {report['splits']['test']['accuracy_sparse']:.4f}"
+            )
         print(f"Total time {time.time() - start:.0f} s. Outputs in {config.output_dir}")
         print(json.dumps({name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}))
     return reports

@@ -28,7 +28,9 @@ def test_config_rejects_bad_values_with_field_and_fix(tmp_path, field, value, me
 def test_config_defaults_follow_the_paper(tmp_path):
     config = CEAGConfig(output_dir=str(tmp_path), report_to="none", num_train_epochs=10)
     assert (config.mitigation, config.tolerance, config.buffer_size) == ("ceag", 0.01, 40)
-    assert config.pruning_scope == "layerwise" and config.keep_first_last_dense and not config.mitigate_during_pruning
+    assert (
+        config.pruning_scope == "layerwise" and config.keep_first_last_dense and not config.mitigate_during_pruning
+    )
     assert config.resolved_pruning_end_epoch == 5.0
 
 

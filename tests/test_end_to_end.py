@@ -36,5 +36,7 @@ def test_default_run_ceag_holds_every_group_within_tolerance_where_nft_does_not(
     assert "Summary" in printed and "max <= eps" in printed
 
     # a second run reuses the dense model
-    run_ceag.main(["--output_dir", str(out), "--disable_tqdm", "true", "--methods", "none", "--num_train_epochs", "4"])
+    run_ceag.main(
+        ["--output_dir", str(out), "--disable_tqdm", "true", "--methods", "none", "--num_train_epochs", "4"]
+    )
     assert "Reusing the dense model" in capsys.readouterr().out

@@ -9,7 +9,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def code_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_quickstart_commands_are_the_ones_ci_and_tests_run():
@@ -21,10 +21,10 @@ def test_quickstart_commands_are_the_ones_ci_and_tests_run():
 
 
 def test_cli_example_flags_exist():
-    from scripts.run_ceag import RECIPE_DEFAULTS, ScriptArguments  # noqa: F401
     from transformers import HfArgumentParser
 
     from hf_ceag import CEAGConfig
+    from scripts.run_ceag import RECIPE_DEFAULTS, ScriptArguments  # noqa: F401
 
     parser = HfArgumentParser((ScriptArguments, CEAGConfig))
     example = code_blocks("bash")[2].replace("\\\n", " ").split()
@@ -35,7 +35,9 @@ def test_cli_example_flags_exist():
 
 def test_python_example_runs(tmp_path):
     code = code_blocks("python")[0]
-    code = code.replace("num_train_epochs=2", "max_steps=6").replace("pruning_end_epoch=1", "pruning_end_epoch=0.02")
+    code = code.replace("num_train_epochs=2", "max_steps=6").replace(
+        "pruning_end_epoch=1", "pruning_end_epoch=0.02"
+    )
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -106,5 +106,20 @@ def test_bad_input_is_refused_before_training(tiny_model, digits, make_config):
 
 
 def test_small_groups_warn_with_their_names(tiny_model, digits, make_config):
-    with pytest.warns(UserWarning, match=r"\['3 \(n=27\)', '8 \(n=26\)'\] have fewer training samples than buffer_size=40"):
+    with pytest.warns(
+        UserWarning, match=r"\['3 \(n=27\)', '8 \(n=26\)'\] have fewer training samples than buffer_size=40"
+    ):
         CEAGTrainer(tiny_model, make_config(buffer_size=40), train_dataset=digits["train"])
+
+
+@pytest.mark.parametrize(("buffer_size", "method"), [(0, "el"), (4, "el+rb")])
+def test_equalized_loss_baselines_train_and_move_their_multipliers(
+    tiny_model, digits, make_config, buffer_size, method
+):
+    config = make_config(mitigation="equalized_loss", buffer_size=buffer_size, dual_lr=0.1, max_steps=8)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    trainer.train()
+    multipliers = trainer.problem.multipliers_tensor()
+    assert multipliers.abs().sum() > 0  # EL multipliers are signed (equality constraints)
+    assert "max_loss_gap_estimate" in [k for entry in trainer.state.log_history for k in entry]
+    assert trainer.group_report()["method"] == method

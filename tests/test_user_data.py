@@ -36,11 +36,32 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "out"
     reports = run_ceag.main(
         [
-            "--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "images"), "--group_columns", "tone",
-            "--label_column", "label_name",
-            "--model_name_or_path", "test_resnet", "--image_size", "16", "--dense_epochs", "1",
-            "--num_train_epochs", "2", "--pruning_end_epoch", "1", "--buffer_size", "4",
-            "--methods", "ceag", "--output_dir", str(out), "--disable_tqdm", "true",
+            "--dataset_name",
+            "imagefolder",
+            "--data_dir",
+            str(tmp_path / "images"),
+            "--group_columns",
+            "tone",
+            "--label_column",
+            "label_name",
+            "--model_name_or_path",
+            "test_resnet",
+            "--image_size",
+            "16",
+            "--dense_epochs",
+            "1",
+            "--num_train_epochs",
+            "2",
+            "--pruning_end_epoch",
+            "1",
+            "--buffer_size",
+            "4",
+            "--methods",
+            "ceag",
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
         ]
     )
     report = json.loads((out / "ceag" / "report.json").read_text())
@@ -55,13 +76,21 @@ def test_csv_of_image_paths_and_missing_columns(tmp_path):
     with open(tmp_path / "images" / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "species", "tone"])
         writer.writeheader()
-        writer.writerows({"path": r["file_name"], "species": "cat" in r["file_name"], "tone": r["tone"]} for r in rows)
+        writer.writerows(
+            {"path": r["file_name"], "species": "cat" in r["file_name"], "tone": r["tone"]} for r in rows
+        )
     data = load_image_dataset(
-        str(tmp_path / "images" / "labels.csv"), ["tone"], image_column="path", label_column="species",
-        image_size=8, test_size=0.25,
+        str(tmp_path / "images" / "labels.csv"),
+        ["tone"],
+        image_column="path",
+        label_column="species",
+        image_size=8,
+        test_size=0.25,
     )
     row = data["train"][0]
     assert tuple(row["pixel_values"].shape) == (3, 8, 8) and row["tone"] in ("light", "dark")
     assert len(data["train"]) + len(data["test"]) == 12
     with pytest.raises(ValueError, match=r"\['skin'\] not in dataset .* --group_columns"):
-        load_image_dataset(str(tmp_path / "images" / "labels.csv"), ["skin"], image_column="path", label_column="species")
+        load_image_dataset(
+            str(tmp_path / "images" / "labels.csv"), ["skin"], image_column="path", label_column="species"
+        )
