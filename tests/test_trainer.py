@@ -123,3 +123,41 @@ def test_equalized_loss_baselines_train_and_move_their_multipliers(
     assert multipliers.abs().sum() > 0  # EL multipliers are signed (equality constraints)
     assert "max_loss_gap_estimate" in [k for entry in trainer.state.log_history for k in entry]
     assert trainer.group_report()["method"] == method
+
+
+def tiny_transformers_model(kind):
+    from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
+
+    if kind == "vit":
+        config = ViTConfig(
+            image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, num_labels=10,
+        )  # fmt: skip
+    else:
+        config = ResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            num_channels=1,
+            layer_type="basic",
+            num_labels=10,
+        )
+    return AutoModelForImageClassification.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_transformers_image_classifiers_prune_and_reload(tmp_path, digits, make_config, kind):
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = tiny_transformers_model(kind)
+    trainer = CEAGTrainer(model, make_config(max_steps=6, pruning_end_epoch=0.02), train_dataset=digits["train"])
+    trainer.train()
+    names = list(trainer.pruner.parameters)
+    assert names and all("classifier" not in n for n in names)
+    assert trainer.pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+    trainer.save_model(str(tmp_path / kind))
+    reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / kind), use_safetensors=True)
+    x = digits["test"][:4]["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
