@@ -83,10 +83,11 @@ class CEAGTrainer(Trainer):
             prunable_parameters(self.model, config.keep_first_last_dense), config.pruning_scope
         )
         self.dense_reference = dense_reference
-        if dense_reference is not None and dense_reference.group_names != self.group_index.names:
+        train_groups = self.group_index.names[: self.group_index.num_groups]
+        if dense_reference is not None and dense_reference.group_names != train_groups:
             raise ValueError(
-                "dense_reference: its groups "
-                f"{dense_reference.group_names} differ from the training data's {self.group_index.names}."
+                f"dense_reference: its groups {dense_reference.group_names} differ from the training data's "
+                f"{train_groups}: pass the reference computed on this training set, or none."
             )
         self.dense_correct: dict[str, torch.Tensor] = {}
         self.problem: GroupConstrainedProblem | None = None
@@ -124,12 +125,14 @@ class CEAGTrainer(Trainer):
     # ---- set-up before the first step ----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
-        """Compute the dense reference and the pruning schedule, then run `Trainer.train`."""
+        """Compute the dense statistics (once) and the pruning schedule, then run `Trainer.train`."""
         self.schedule = self._resolve_schedule()
-        if self.dense_reference is None:
-            self.dense_reference = self._compute_dense_statistics()
-            if self.args.should_save:
-                self.dense_reference.save(self.args.output_dir)
+        if not self.dense_correct:
+            reference = self._compute_dense_statistics()
+            if self.dense_reference is None:
+                self.dense_reference = reference
+                if self.args.should_save:
+                    self.dense_reference.save(self.args.output_dir)
         if self.problem is None:
             self.problem = self._build_problem(self.dense_reference)
             if self.args.mitigation != "none":

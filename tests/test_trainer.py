@@ -161,3 +161,23 @@ def test_transformers_image_classifiers_prune_and_reload(tmp_path, digits, make_
     x = digits["test"][:4]["pixel_values"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+
+
+def test_a_given_dense_reference_is_used_and_checked(tiny_model, digits, make_config):
+    reference = DenseReference([str(d) for d in range(10)], [1] * 10, [0.5] * 10, [1.0] * 10)
+    trainer = CEAGTrainer(
+        tiny_model,
+        make_config(max_steps=2, pruning_end_epoch=0.05),
+        train_dataset=digits["train"],
+        dense_reference=reference,
+    )
+    trainer.train()
+    assert trainer.dense_reference is reference and trainer.problem.dense_loss.item() == pytest.approx(1.0)
+    assert trainer.group_report()["splits"]["train"]["n"] == len(digits["train"])
+    with pytest.raises(ValueError, match="dense_reference: its groups"):
+        CEAGTrainer(
+            tiny_model,
+            make_config(),
+            train_dataset=digits["train"],
+            dense_reference=DenseReference(["a"], [1], [1.0], [0.1]),
+        )
