@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -20,9 +21,12 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .ceag_config import CEAGConfig
+from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
@@ -33,7 +37,8 @@ LABEL_COLUMNS = ("label", "labels")
 
 
 class _PruningCallback(TrainerCallback):
-    """Recomputes the masks at the schedule's steps (after the optimizer step, before the next forward)."""
+    """Recomputes the masks at the schedule's steps (after the optimizer step, before the next forward), and
+    undoes the dual step of an optimizer step that the fp16 loss scaler skipped."""
 
     def __init__(self, trainer: CEAGTrainer) -> None:
         self.trainer = trainer
@@ -44,6 +49,9 @@ class _PruningCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._prune_if_scheduled(state.global_step)
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._undo_dual_step_if_skipped()
+
 
 class CEAGTrainer(Trainer):
     """Drop-in replacement for `transformers.Trainer` that prunes and fine-tunes under group constraints.
@@ -53,8 +61,9 @@ class CEAGTrainer(Trainer):
     earlier (they must describe the same training groups).
     """
 
-    # compute_loss returns a per-batch mean: the Trainer divides it by the gradient accumulation steps.
-    loss_is_scaled_for_ga = False
+    # While training, compute_loss normalises by the whole optimizer step's batch (all micro-batches and
+    # processes), so the Trainer must not divide it again by the gradient accumulation steps.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, dense_reference: DenseReference | None = None, **kwargs: Any) -> None:
         params = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments
@@ -94,6 +103,8 @@ class CEAGTrainer(Trainer):
         self.dual_optimizer: torch.optim.Optimizer | None = None
         self.schedule: CubicSchedule | None = None
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._multipliers_before_step: torch.Tensor | None = None
+        self._step_group_counts: torch.Tensor | None = None
         self.add_callback(_PruningCallback(self))
 
     # ---- datasets ----
@@ -125,21 +136,59 @@ class CEAGTrainer(Trainer):
     # ---- set-up before the first step ----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
-        """Compute the dense statistics (once) and the pruning schedule, then run `Trainer.train`."""
+        """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
+        the pruning schedule, then run `Trainer.train`."""
         self.schedule = self._resolve_schedule()
-        if not self.dense_correct:
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        saved = ConstrainedState.load(checkpoint) if checkpoint else None
+        if saved is not None:
+            train_groups = self.group_index.names[: self.group_index.num_groups]
+            saved.check_compatible(self.args.mitigation, self.args.buffer_size, train_groups)
+            self.dense_reference, self.dense_correct = saved.reference, saved.dense_correct()
+        elif not self.dense_correct:
             reference = self._compute_dense_statistics()
             if self.dense_reference is None:
                 self.dense_reference = reference
                 if self.args.should_save:
                     self.dense_reference.save(self.args.output_dir)
-        if self.problem is None:
+        if self.problem is None or saved is not None:
             self.problem = self._build_problem(self.dense_reference)
+            self.dual_optimizer = None
             if self.args.mitigation != "none":
                 self.dual_optimizer = torch.optim.SGD(
                     self.problem.dual_parameters(), lr=self.args.dual_lr, maximize=True
                 )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if saved is not None:
+            saved.restore(self.problem, self.dual_optimizer, self.pruner)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return resume_from_checkpoint or None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save the Trainer checkpoint, then the constrained state beside it (identical on every process)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.problem is not None:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self._constrained_state().save(folder)
+
+    def _constrained_state(self) -> ConstrainedState:
+        return ConstrainedState.capture(
+            self.problem,
+            self.dual_optimizer,
+            self.pruner,
+            self.dense_reference,
+            self.dense_correct,
+            self.group_index,
+            self.args.mitigation,
+            self.args.buffer_size,
+        )
 
     def _steps_per_epoch(self) -> int:
         args = self.args
@@ -174,11 +223,34 @@ class CEAGTrainer(Trainer):
             self.dense_correct[name] = logits.argmax(-1) == labels
         return reference
 
+    @torch.no_grad()
     def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        output = self.predict(dataset, metric_key_prefix=prefix)
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode).
+
+        Its own loop rather than `Trainer.predict`: predicting before `train()` marks the model as prepared
+        in evaluation mode, and accelerate then never wraps it in DDP for training."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        progress = not self.args.disable_tqdm and self.is_local_process_zero()
+        for batch in tqdm(self.get_eval_dataloader(dataset), desc=prefix, disable=not progress, leave=False):
+            batch = self._prepare_inputs(batch)
+            target = next(batch[k] for k in LABEL_COLUMNS if k in batch)
+            inputs = {k: v for k, v in batch.items() if k not in self._not_model_inputs}
+            with self.accelerator.autocast():
+                outputs = model(**inputs)
+            batch_logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
+            batch_logits, target = self.accelerator.gather_for_metrics((batch_logits, target))
+            logits.append(batch_logits.cpu())
+            labels.append(target.cpu())
+        model.train(was_training)
         groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
-        return torch.as_tensor(logits).float(), torch.as_tensor(output.label_ids).long(), groups
+        return torch.cat(logits), torch.cat(labels).long(), groups
+
+    @property
+    def _not_model_inputs(self) -> tuple[str, ...]:
+        return (*LABEL_COLUMNS, GROUP_ID_COLUMN, *self.args.group_columns)
 
     def _build_problem(self, reference: DenseReference) -> GroupConstrainedProblem:
         device = self.args.device
@@ -212,8 +284,7 @@ class CEAGTrainer(Trainer):
         if labels is None:
             raise ValueError(f"CEAGTrainer: the batch has no labels (expected one of {LABEL_COLUMNS}).")
         group_ids = inputs.get(GROUP_ID_COLUMN)
-        not_for_model = (*LABEL_COLUMNS, GROUP_ID_COLUMN, *self.args.group_columns)
-        outputs = model(**{k: v for k, v in inputs.items() if k not in not_for_model})
+        outputs = model(**{k: v for k, v in inputs.items() if k not in self._not_model_inputs})
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         per_sample = F.cross_entropy(
             logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
@@ -231,16 +302,30 @@ class CEAGTrainer(Trainer):
     def _constrained_loss(self, per_sample, logits, labels, group_ids) -> torch.Tensor:
         correct = logits.argmax(dim=-1) == labels
         self.problem.observe(*self._gather(group_ids, correct, per_sample.detach()))
-        loss = per_sample.mean()
+        counts, scale = self._step_group_counts, self.accelerator.num_processes
+        loss = per_sample.sum() * scale / counts.sum()
         if self.constraints_active:
             # One dual step per optimizer step, once every micro-batch of that step has been observed.
             update_duals = self.accelerator.sync_gradients
-            state = self.problem.compute_cmp_state(per_sample, group_ids, update_duals=update_duals)
+            state = self.problem.compute_cmp_state(per_sample, group_ids, counts, scale, update_duals)
             if update_duals:
                 self._dual_step(state)
             loss = state.compute_primal_lagrangian().lagrangian
         self._record_metrics(per_sample.detach().mean())
         return loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's prefetch of one optimizer step's micro-batches; also counts each group in the whole
+        step's batch, over all processes, to normalise the step's loss and surrogates."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.problem is not None:
+            ids = [batch[GROUP_ID_COLUMN].reshape(-1) for batch in batch_samples if GROUP_ID_COLUMN in batch]
+            ids = torch.cat(ids).to(self.args.device).long() if ids else torch.zeros(0, dtype=torch.long)
+            counts = torch.bincount(ids, minlength=self.problem.num_groups)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            self._step_group_counts = counts
+        return batch_samples, num_items_in_batch
 
     def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This batch from every process, in rank order, so all processes hold identical estimates."""
@@ -254,10 +339,17 @@ class CEAGTrainer(Trainer):
         dual = state.compute_dual_lagrangian()
         if dual.lagrangian is None:
             return
+        self._multipliers_before_step = self.problem.multiplier.weight.detach().clone()
         self.dual_optimizer.zero_grad(set_to_none=True)
         dual.lagrangian.backward()
         self.dual_optimizer.step()
         self.problem.multiplier.post_step_()
+
+    def _undo_dual_step_if_skipped(self) -> None:
+        before, self._multipliers_before_step = self._multipliers_before_step, None
+        if before is not None and self.accelerator.optimizer_step_was_skipped:
+            with torch.no_grad():
+                self.problem.multiplier.weight.copy_(before)
 
     # ---- logging ----
 
@@ -288,7 +380,7 @@ class CEAGTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not any(k in inputs for k in LABEL_COLUMNS):
-            inputs = {k: v for k, v in inputs.items() if k not in (GROUP_ID_COLUMN, *self.args.group_columns)}
+            inputs = {k: v for k, v in inputs.items() if k not in self._not_model_inputs}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ---- reports ----

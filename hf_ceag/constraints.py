@@ -86,13 +86,30 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         raise NotImplementedError
 
     def compute_cmp_state(
-        self, per_sample_loss: torch.Tensor, group_ids: torch.Tensor, update_duals: bool = True
+        self,
+        per_sample_loss: torch.Tensor,
+        group_ids: torch.Tensor,
+        step_group_counts: torch.Tensor | None = None,
+        scale: float = 1.0,
+        update_duals: bool = True,
     ) -> CMPState:
-        """Cooper state: loss = batch mean; `violation` for the groups in this (local) batch; `strict_violation`
-        for the groups whose estimates are ready (only those take a dual step)."""
-        loss = per_sample_loss.mean()
-        group_loss, counts = group_means(per_sample_loss, group_ids.long(), self.num_groups)
-        present = torch.nonzero(counts > 0).flatten()
+        """Cooper state: `violation` (differentiable surrogates) for the groups in the step's batch,
+        `strict_violation` for the groups whose estimates are ready (only those take a dual step).
+
+        `per_sample_loss` may be one slice (a micro-batch, one process's share) of the optimizer step's batch.
+        Sums are then normalised by `step_group_counts` — the per-group counts of the *whole* step's batch,
+        over all micro-batches and processes — and multiplied by `scale` (the number of processes, whose
+        gradients DDP averages), so that the slices' gradients add up to those of the whole batch. Without
+        `step_group_counts` the slice is the whole batch.
+        """
+        group_ids = group_ids.long()
+        if step_group_counts is None:
+            step_group_counts = torch.bincount(group_ids, minlength=self.num_groups)
+        total = step_group_counts.sum().clamp(min=1)
+        loss = per_sample_loss.sum() * scale / total
+        sums = torch.zeros(self.num_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+        group_loss = sums.index_add(0, group_ids, per_sample_loss) * scale / step_group_counts.clamp(min=1)
+        present = torch.nonzero(step_group_counts > 0).flatten()
         ready = torch.nonzero(self.ready).flatten()
         state = ConstraintState(
             violation=self.surrogate_violations(group_loss, loss)[present],

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, set_seed
 
 from hf_ceag import (
@@ -162,6 +163,7 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     trainer = Trainer(model=model, args=dense_args, train_dataset=train)
     trainer.train()
     trainer.save_model(dense_dir)
+    trainer.accelerator.wait_for_everyone()  # every process loads this folder next
     if trainer.is_world_process_zero():
         print(f"Dense model trained in {time.time() - start:.0f} s and saved to {dense_dir}")
     return dense_dir
@@ -186,7 +188,16 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
     return report
 
 
+def _use_cpu_processes_if_no_accelerator() -> None:
+    # torchrun / accelerate launch start several processes; without a GPU, accelerate only forms a CPU (gloo)
+    # process group when told to use the CPU.
+    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
+    _use_cpu_processes_if_no_accelerator()
     parser = HfArgumentParser((ScriptArguments, CEAGConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
@@ -212,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 + "   ".join(cells)
                 + f"   test accuracy {report['splits']['test']['accuracy_sparse']:.4f}"
             )
-        print(f"Total time {time.time() - start:.0f} s. Outputs in {config.output_dir}")
+        print(
+            f"Total time {time.time() - start:.0f} s on {config.world_size} process(es). Outputs in {config.output_dir}"
+        )
         print(json.dumps({name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}))
     return reports
 

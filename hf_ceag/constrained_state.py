@@ -1,0 +1,143 @@
+"""The constrained state saved beside every Trainer checkpoint, so a resumed run continues exactly.
+
+It holds what `Trainer` does not save: the multipliers and the dual optimizer, the replay buffers and
+per-group estimates, the pruning masks, the dense reference and the dense model's per-sample correctness
+(for reports), and the group index. Tensors go to `ceag_state.safetensors`, the rest to `ceag_state.json`;
+nothing of it enters `model.safetensors`, and nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .constraints import GroupConstrainedProblem
+from .groups import GroupIndex
+from .pruning import MagnitudePruner
+from .reference import DenseReference
+
+STATE_TENSORS = "ceag_state.safetensors"
+STATE_JSON = "ceag_state.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ConstrainedState:
+    """Everything of a `CEAGTrainer` run that lives outside the model and the primal optimizer."""
+
+    reference: DenseReference
+    group_index: GroupIndex
+    mitigation: str
+    buffer_size: int
+    tensors: dict[str, torch.Tensor]
+    dual_optimizer: dict | None
+
+    @classmethod
+    def capture(
+        cls,
+        problem: GroupConstrainedProblem,
+        dual_optimizer: torch.optim.Optimizer | None,
+        pruner: MagnitudePruner,
+        reference: DenseReference,
+        dense_correct: dict[str, torch.Tensor],
+        group_index: GroupIndex,
+        mitigation: str,
+        buffer_size: int,
+    ) -> ConstrainedState:
+        """Copy the live state (on CPU) out of the trainer's objects."""
+        tensors = {
+            "multiplier": problem.multiplier.weight.detach(),
+            "estimate.value": problem.group_estimate,
+            "estimate.weights": problem.estimate_weights,
+            "estimate.observed": problem.observed.to(torch.uint8),
+            "estimate.ready": problem.ready.to(torch.uint8),
+        }
+        if problem.buffer is not None:
+            tensors.update({f"buffer.{k}": v for k, v in problem.buffer.state_dict().items()})
+        tensors.update({f"mask.{name}": m.to(torch.uint8) for name, m in pruner.state_dict().items()})
+        tensors.update({f"dense_correct.{split}": c.to(torch.uint8) for split, c in dense_correct.items()})
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        dual = dual_optimizer.state_dict() if dual_optimizer is not None else None
+        if dual is not None and dual["state"]:
+            raise ValueError("ConstrainedState: only a stateless dual optimizer (plain SGD) can be saved.")
+        return cls(reference, group_index, mitigation, buffer_size, tensors, dual)
+
+    def save(self, directory: str) -> None:
+        """Write `ceag_state.safetensors` and `ceag_state.json` into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        save_file(self.tensors, os.path.join(directory, STATE_TENSORS))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "mitigation": self.mitigation,
+            "buffer_size": self.buffer_size,
+            "reference": asdict(self.reference),
+            "group_index": self.group_index.to_dict(),
+            "dual_optimizer": self.dual_optimizer,
+        }
+        with open(os.path.join(directory, STATE_JSON), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str) -> ConstrainedState:
+        """Read the state saved in a checkpoint folder; a clear error if it is not there."""
+        missing = [f for f in (STATE_TENSORS, STATE_JSON) if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise ValueError(
+                f"Checkpoint {directory!r} has no constrained state ({', '.join(missing)} missing): it was not "
+                "written by CEAGTrainer, or was copied without those files. Resuming would silently restart "
+                "the multipliers, buffers and masks from zero; resume from a CEAGTrainer checkpoint instead, "
+                "or start a new run without resume_from_checkpoint."
+            )
+        with open(os.path.join(directory, STATE_JSON)) as f:
+            meta = json.load(f)
+        reference = meta["reference"]
+        reference.pop("accuracy", None)
+        reference.pop("loss", None)
+        return cls(
+            reference=DenseReference(**reference),
+            group_index=GroupIndex.from_dict(meta["group_index"]),
+            mitigation=meta["mitigation"],
+            buffer_size=meta["buffer_size"],
+            tensors=load_file(os.path.join(directory, STATE_TENSORS)),
+            dual_optimizer=meta["dual_optimizer"],
+        )
+
+    def check_compatible(self, mitigation: str, buffer_size: int, group_names: list[str]) -> None:
+        """Refuse to resume into a run whose groups, mitigation or buffer size differ."""
+        saved = self.group_index.names[: self.group_index.num_groups]
+        if saved != group_names:
+            raise ValueError(f"Checkpoint groups {saved} differ from this run's training groups {group_names}.")
+        if (self.mitigation, self.buffer_size) != (mitigation, buffer_size):
+            raise ValueError(
+                f"Checkpoint was written with mitigation={self.mitigation!r}, buffer_size={self.buffer_size}; "
+                f"this run has mitigation={mitigation!r}, buffer_size={buffer_size}. Use the same settings."
+            )
+
+    def dense_correct(self) -> dict[str, torch.Tensor]:
+        prefix = "dense_correct."
+        return {k[len(prefix) :]: v.bool() for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def restore(
+        self,
+        problem: GroupConstrainedProblem,
+        dual_optimizer: torch.optim.Optimizer | None,
+        pruner: MagnitudePruner,
+    ) -> None:
+        """Load multipliers, estimates, buffers, dual optimizer and masks into the trainer's objects."""
+        t = self.tensors
+        device = problem.multiplier.weight.device
+        with torch.no_grad():
+            problem.multiplier.weight.copy_(t["multiplier"].to(device))
+        problem.group_estimate = t["estimate.value"].to(device)
+        problem.estimate_weights = t["estimate.weights"].to(device)
+        problem.observed = t["estimate.observed"].to(device).bool()
+        problem.ready = t["estimate.ready"].to(device).bool()
+        if problem.buffer is not None:
+            problem.buffer.load_state_dict({k: t[f"buffer.{k}"] for k in ("values", "position", "count")})
+        if dual_optimizer is not None and self.dual_optimizer is not None:
+            dual_optimizer.load_state_dict(self.dual_optimizer)
+        pruner.load_state_dict({k[len("mask.") :]: v for k, v in t.items() if k.startswith("mask.")})
