@@ -45,3 +45,10 @@ def test_python_example_runs(tmp_path):
     finally:
         os.chdir(cwd)
     assert (tmp_path / "out" / "sparse" / "model.safetensors").exists()
+
+
+def test_launcher_lines_are_the_ones_the_scale_out_tests_run():
+    from test_scale_out import LAUNCHERS
+
+    for launcher in LAUNCHERS.values():
+        assert " ".join(launcher) + " scripts/run_ceag.py --output_dir outputs/ddp" in README

@@ -57,14 +57,13 @@ def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_
     torch.testing.assert_close(rank0["reference_accuracy"], one_process_ceag["reference_accuracy"])
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        ["torchrun", "--standalone", "--nproc_per_node", "2"],
-        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"],
-    ],
-    ids=["torchrun", "accelerate"],
-)
+LAUNCHERS = {
+    "torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS.values(), ids=LAUNCHERS.keys())
 def test_readme_launchers_run_the_script_on_two_cpu_processes(tmp_path, launcher):
     args = ["scripts/run_ceag.py", "--output_dir", str(tmp_path / "run"), "--dense_epochs", "1"]
     args += ["--num_train_epochs", "2", "--pruning_end_epoch", "1", "--methods", "ceag", "--disable_tqdm", "true"]
