@@ -22,7 +22,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .ceag_config import CEAGConfig
@@ -31,7 +31,8 @@ from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupCo
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
 from .reference import DenseReference
-from .report import build_report, split_report
+from .model_card import build_model_card, violation_warning, write_model_folder_extras
+from .report import build_report, save_report, split_report
 
 LABEL_COLUMNS = ("label", "labels")
 
@@ -105,6 +106,11 @@ class CEAGTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._multipliers_before_step: torch.Tensor | None = None
         self._step_group_counts: torch.Tensor | None = None
+        self._evaluating_split: str | None = None
+        self._allow_violated_constraints = False
+        self.report: dict[str, Any] | None = None
+        self.reproduce_command = ""
+        self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
         self.add_callback(_PruningCallback(self))
 
     # ---- datasets ----
@@ -379,15 +385,70 @@ class CEAGTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`Trainer.prediction_step` without the group columns; while `evaluate()` runs, the group ids ride
+        along with the labels so that the metrics can be computed per group from the same pass."""
+        groups = inputs.get(GROUP_ID_COLUMN)
         if not any(k in inputs for k in LABEL_COLUMNS):
             inputs = {k: v for k, v in inputs.items() if k not in self._not_model_inputs}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        loss, logits, labels = super().prediction_step(
+            model, inputs, prediction_loss_only, ignore_keys=ignore_keys
+        )
+        if self._evaluating_split is not None and labels is not None and groups is not None:
+            labels = (labels, groups)
+        return loss, logits, labels
 
-    # ---- reports ----
+    # ---- evaluation with per-group metrics ----
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, adding per-group accuracy (`accuracy/<group>`) and, once training has recorded
+        the dense model's predictions, ψ_g (`excess_gap/<group>`) and `max_excess_gap`, from the same pass."""
+        target = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(target, dict):  # Trainer.evaluate calls back once per named split
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(eval_dataset, datasets.Dataset) and GROUP_ID_COLUMN not in eval_dataset.column_names:
+            eval_dataset = self.group_index.encode(eval_dataset, "evaluate")
+        self._evaluating_split = (
+            eval_dataset if isinstance(eval_dataset, str) else "eval" if eval_dataset is None else ""
+        )
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating_split = None
+
+    def _metrics_with_groups(self, prediction: EvalPrediction) -> dict[str, float]:
+        labels, groups = prediction.label_ids, None
+        if isinstance(labels, tuple) and len(labels) == 2:
+            labels, groups = labels
+        metrics = {}
+        if self._user_compute_metrics is not None:
+            metrics.update(self._user_compute_metrics(EvalPrediction(prediction.predictions, labels)))
+        if groups is None:
+            return metrics
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        correct = torch.as_tensor(logits).argmax(-1) == torch.as_tensor(labels)
+        groups = torch.as_tensor(groups).long()
+        dense = self.dense_correct.get(self._evaluating_split)
+        if dense is None or dense.numel() != correct.numel():
+            dense = correct  # no dense predictions for this data: accuracies only, ψ_g = 0
+        data = split_report(
+            groups, dense, correct, self.group_index.names, self.args.tolerance,
+            num_constrained_groups=self.group_index.num_groups, min_samples=1, bootstrap_samples=0,
+        )  # fmt: skip
+        metrics["accuracy"] = data["accuracy_sparse"]
+        for group in data["groups"]:
+            metrics[f"accuracy/{group['name']}"] = group["accuracy_sparse"]
+        if dense is not correct:
+            metrics["max_excess_gap"] = data["max_excess_gap"]
+            for group in data["groups"]:
+                metrics[f"excess_gap/{group['name']}"] = group["excess_gap"]
+        return metrics
+
+    # ---- reports, model card, publishing ----
 
     def group_report(self) -> dict[str, Any]:
         """Evaluate the pruned model on train and every eval split and compare it, group by group, with the
-        dense model's predictions recorded before training: the `report.json` document."""
+        dense model's predictions recorded before training: the `report.json` document (also kept as
+        `self.report`)."""
         if not self.dense_correct:
             raise ValueError("group_report: call train() first (it records the dense model's predictions).")
         splits = {"train": self.train_dataset, **self._eval_splits()}
@@ -401,8 +462,9 @@ class CEAGTrainer(Trainer):
                 self.group_index.names,
                 self.args.tolerance,
                 num_constrained_groups=self.group_index.num_groups,
+                seed=self.args.seed,
             )
-        return build_report(
+        self.report = build_report(
             method=_method_name(self.args),
             tolerance=self.args.tolerance,
             target_sparsity=self.args.target_sparsity,
@@ -414,6 +476,70 @@ class CEAGTrainer(Trainer):
             group_columns=list(self.group_index.columns),
             layer_sparsity=self.pruner.layer_sparsity(),
         )
+        return self.report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; after training, also `report.json`, the card `README.md` and its plot."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.dense_correct:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
+        """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.
+
+        Keyword arguments of `Trainer.create_model_card` are accepted: `model_name`, `finetuned_from`
+        (the dense model's Hub id, shown as base model) and `dataset` (the dataset's Hub id)."""
+        report = self.report if self.report is not None else self.group_report()
+        if not self.is_world_process_zero():
+            return
+        folder = output_dir or self.args.output_dir
+        timm_architecture = getattr(getattr(self.model, "config", None), "architecture", None)
+        card = build_model_card(
+            report,
+            model_name=kwargs.get("model_name") or os.path.basename(os.path.abspath(folder)),
+            repo_or_path=self.hub_model_id or self.args.hub_model_id or os.path.abspath(folder),
+            training=self._card_training_settings(),
+            base_model=kwargs.get("finetuned_from")
+            or getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            dataset_name=kwargs.get("dataset") if isinstance(kwargs.get("dataset"), str) else None,
+            command=self.reproduce_command,
+            timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
+            allow_violated_constraints=self._allow_violated_constraints,
+        )
+        save_report(report, folder)
+        write_model_folder_extras(report, card, folder)
+
+    def _card_training_settings(self) -> dict[str, Any]:
+        args, schedule = self.args, self.schedule
+        pruning = f"magnitude, {args.pruning_scope}, cubic schedule"
+        if schedule is not None:
+            pruning += f" from step {schedule.start} to {schedule.end}, masks every {schedule.frequency} steps"
+        if args.keep_first_last_dense:
+            pruning += "; first conv and last linear layer kept dense"
+        return {
+            "pruning": pruning,
+            "buffer_size": args.buffer_size,
+            "dual_lr": args.dual_lr,
+            "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
+            "group_columns": list(self.group_index.columns),
+        }
+
+    def push_to_hub(self, *args: Any, allow_violated_constraints: bool = False, **kwargs: Any):
+        """`Trainer.push_to_hub`, refused (before anything is uploaded) when the model violates its training
+        constraints, unless `allow_violated_constraints=True` — the card then opens with a warning."""
+        report = self.report if self.report is not None else self.group_report()
+        warning = violation_warning(report)
+        if warning and not allow_violated_constraints:
+            raise ValueError(
+                f"push_to_hub refused: {warning} Fix the model (e.g. train longer, lower target_sparsity, raise "
+                "dual_lr), or publish it anyway with push_to_hub(allow_violated_constraints=True), which puts a "
+                "warning at the top of its card."
+            )
+        self._allow_violated_constraints = allow_violated_constraints
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            self._allow_violated_constraints = False
 
 
 def _method_name(args: CEAGConfig) -> str:

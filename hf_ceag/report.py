@@ -1,7 +1,10 @@
-"""Per-group report of what pruning cost: n, dense and sparse accuracy, ψ_g, per split, as `report.json`.
+"""Per-group report of what pruning cost, from one evaluation pass: `report.json`, a markdown table, a plot.
 
-Every figure comes from per-sample correctness of the dense and the sparse model on the same rows, so the
-report, the printed table and (later) the model card read one computation.
+For every group of a split: n, dense and sparse accuracy (95 % Wilson intervals), Δ_g, ψ_g (95 % bootstrap
+interval) and a status; for the split: overall accuracies, max ψ_g, the spread max ψ_g − min ψ_g, the
+number of violated groups and a plain verdict. Every figure comes from the per-sample correctness of the
+dense and the sparse model on the same rows, so the logs, the report and the model card read one
+computation.
 """
 
 from __future__ import annotations
@@ -15,6 +18,71 @@ import torch
 from .gaps import excess_gaps
 
 REPORT_FILE = "report.json"
+PLOT_FILE = "excess_gaps.png"
+Z_95 = 1.959963984540054
+
+SATISFIED, VIOLATED, TOO_FEW, UNCONSTRAINED = "satisfied", "violated", "too few samples", "unconstrained"
+
+
+def wilson_interval(
+    successes: torch.Tensor, n: torch.Tensor, z: float = Z_95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wilson score interval for a binomial proportion, elementwise:
+
+    (p̂ + z²/2n ± z √(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n);  [0, 1] when n = 0.
+    """
+    successes, n = successes.double(), n.double()
+    safe_n = n.clamp(min=1)
+    p = successes / safe_n
+    denominator = 1 + z**2 / safe_n
+    center = (p + z**2 / (2 * safe_n)) / denominator
+    half = z * torch.sqrt(p * (1 - p) / safe_n + z**2 / (4 * safe_n**2)) / denominator
+    empty = n == 0
+    return torch.where(empty, 0.0, center - half).clamp(0, 1), torch.where(empty, 1.0, center + half).clamp(0, 1)
+
+
+def bootstrap_gap_intervals(
+    group_ids: torch.Tensor,
+    dense_correct: torch.Tensor,
+    sparse_correct: torch.Tensor,
+    num_groups: int,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> torch.Tensor:
+    """Percentile bootstrap interval of every ψ_g, `[num_groups, 2]`.
+
+    Rows are resampled with replacement within each group (group sizes fixed), keeping each row's dense and
+    sparse correctness paired. A group's resample only needs the counts of its four (dense, sparse)
+    correctness cells, drawn as a chain of binomials, so all groups and resamples are drawn at once.
+    """
+    cell = 2 * dense_correct.long() + sparse_correct.long()  # 0: both wrong .. 3: both right
+    counts = torch.bincount(group_ids.long() * 4 + cell, minlength=4 * num_groups).view(num_groups, 4).double()
+    n = counts.sum(dim=1)
+    probs = counts / n.clamp(min=1).unsqueeze(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        remaining = n.expand(samples, num_groups).clone()
+        left = torch.ones(num_groups, dtype=torch.float64)
+        draws = []
+        for c in range(3):
+            p = (probs[:, c] / left.clamp(min=1e-12)).clamp(0, 1)
+            x = torch.distributions.Binomial(total_count=remaining, probs=p.expand_as(remaining)).sample()
+            draws.append(x)
+            remaining = remaining - x
+            left = left - probs[:, c]
+        draws.append(remaining)
+    dense = draws[2] + draws[3]
+    sparse = draws[1] + draws[3]
+    total = n.sum().clamp(min=1)
+    psi = excess_gaps(
+        dense / n.clamp(min=1),
+        sparse / n.clamp(min=1),
+        dense.sum(1, keepdim=True) / total,
+        sparse.sum(1, keepdim=True) / total,
+    )
+    tail = (1 - level) / 2
+    return torch.quantile(psi, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0).T
 
 
 def split_report(
@@ -24,12 +92,17 @@ def split_report(
     group_names: list[str],
     tolerance: float,
     num_constrained_groups: int | None = None,
+    min_samples: int = 20,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Report for one split: overall accuracies, max ψ_g, and one entry per group present in the split.
+    """Report for one split, from per-row dense and sparse correctness and group ids.
 
     ψ_g = (Acc_dense(g) − Acc_sparse(g)) − (Acc_dense − Acc_sparse), accuracies as fractions of the split's
-    rows. Groups with id >= `num_constrained_groups` (absent from training) are marked unconstrained and
-    left out of `max_excess_gap`.
+    rows. Status per group: 'too few samples' below `min_samples` rows, 'unconstrained' for groups absent
+    from training (id >= `num_constrained_groups`), else 'satisfied' (ψ_g <= ε) or 'violated'. The summary
+    (max ψ_g, spread, violated count) covers the constrained groups with enough samples.
+    `bootstrap_samples=0` skips the ψ_g intervals (cheap, for logging).
     """
     num_groups = len(group_names)
     num_constrained = num_groups if num_constrained_groups is None else num_constrained_groups
@@ -37,32 +110,78 @@ def split_report(
     dense_correct, sparse_correct = dense_correct.double(), sparse_correct.double()
     counts = torch.bincount(group_ids, minlength=num_groups)
     zeros = torch.zeros(num_groups, dtype=torch.float64)
-    dense_group = zeros.index_add(0, group_ids, dense_correct) / counts.clamp(min=1)
-    sparse_group = zeros.index_add(0, group_ids, sparse_correct) / counts.clamp(min=1)
-    dense_overall, sparse_overall = dense_correct.mean(), sparse_correct.mean()
+    dense_hits = zeros.index_add(0, group_ids, dense_correct)
+    sparse_hits = zeros.index_add(0, group_ids, sparse_correct)
+    dense_group, sparse_group = dense_hits / counts.clamp(min=1), sparse_hits / counts.clamp(min=1)
+    n_all = torch.tensor(float(group_ids.numel()))
+    dense_overall, sparse_overall = dense_correct.sum() / n_all, sparse_correct.sum() / n_all
     psi = excess_gaps(dense_group, sparse_group, dense_overall, sparse_overall)
+    dense_ci, sparse_ci = wilson_interval(dense_hits, counts), wilson_interval(sparse_hits, counts)
+    psi_ci = (
+        bootstrap_gap_intervals(group_ids, dense_correct, sparse_correct, num_groups, bootstrap_samples, seed)
+        if bootstrap_samples
+        else None
+    )
     groups = []
     for g in torch.nonzero(counts > 0).flatten().tolist():
-        groups.append(
-            {
-                "name": group_names[g],
-                "n": int(counts[g]),
-                "accuracy_dense": float(dense_group[g]),
-                "accuracy_sparse": float(sparse_group[g]),
-                "excess_gap": float(psi[g]),
-                "constrained": g < num_constrained,
-            }
-        )
-    constrained_gaps = [entry["excess_gap"] for entry in groups if entry["constrained"]]
-    max_gap = max(constrained_gaps) if constrained_gaps else float("nan")
+        if int(counts[g]) < min_samples:
+            status = TOO_FEW
+        elif g >= num_constrained:
+            status = UNCONSTRAINED
+        else:
+            status = SATISFIED if float(psi[g]) <= tolerance else VIOLATED
+        entry = {
+            "name": group_names[g],
+            "n": int(counts[g]),
+            "accuracy_dense": float(dense_group[g]),
+            "accuracy_dense_ci": [float(dense_ci[0][g]), float(dense_ci[1][g])],
+            "accuracy_sparse": float(sparse_group[g]),
+            "accuracy_sparse_ci": [float(sparse_ci[0][g]), float(sparse_ci[1][g])],
+            "accuracy_change": float(dense_group[g] - sparse_group[g]),
+            "excess_gap": float(psi[g]),
+            "constrained": g < num_constrained,
+            "status": status,
+        }
+        if psi_ci is not None:
+            entry["excess_gap_ci"] = [float(psi_ci[g, 0]), float(psi_ci[g, 1])]
+        groups.append(entry)
+    judged = [e["excess_gap"] for e in groups if e["status"] in (SATISFIED, VIOLATED)]
+    max_gap = max(judged) if judged else float("nan")
+    overall_dense_ci = wilson_interval(dense_correct.sum(), n_all)
+    overall_sparse_ci = wilson_interval(sparse_correct.sum(), n_all)
     return {
         "n": int(group_ids.numel()),
         "accuracy_dense": float(dense_overall),
+        "accuracy_dense_ci": [float(overall_dense_ci[0]), float(overall_dense_ci[1])],
         "accuracy_sparse": float(sparse_overall),
+        "accuracy_sparse_ci": [float(overall_sparse_ci[0]), float(overall_sparse_ci[1])],
         "max_excess_gap": max_gap,
-        "satisfied": bool(max_gap <= tolerance),
+        "excess_gap_spread": (max(judged) - min(judged)) if judged else float("nan"),
+        "violated_groups": sum(e["status"] == VIOLATED for e in groups),
+        "too_few_samples_groups": sum(e["status"] == TOO_FEW for e in groups),
+        "satisfied": bool(judged) and max_gap <= tolerance,
+        "min_samples": min_samples,
         "groups": groups,
     }
+
+
+def verdict(split: str, data: dict[str, Any], tolerance: float) -> str:
+    """One plain sentence on whether every group of a split is within ε."""
+    judged = sum(g["status"] in (SATISFIED, VIOLATED) for g in data["groups"])
+    held_out = "" if split == "train" else " (held-out data: a check of generalisation, not a guarantee)"
+    few = data["too_few_samples_groups"]
+    few_text = f"; {few} group(s) have fewer than {data['min_samples']} samples to tell" if few else ""
+    if judged == 0:
+        return f"{split}: no group has enough samples to judge{held_out}."
+    if data["violated_groups"] == 0:
+        return (
+            f"{split}: every one of the {judged} judged groups lost at most ε = {tolerance:g} more accuracy than "
+            f"the model overall (max excess gap {data['max_excess_gap']:+.4f}){few_text}{held_out}."
+        )
+    return (
+        f"{split}: {data['violated_groups']} of {judged} judged groups lost more than ε = {tolerance:g} beyond the "
+        f"model's overall loss (max excess gap {data['max_excess_gap']:+.4f}){few_text}{held_out}."
+    )
 
 
 def build_report(
@@ -73,12 +192,16 @@ def build_report(
     splits: dict[str, dict[str, Any]],
     **extra: Any,
 ) -> dict[str, Any]:
-    """The `report.json` document: run settings plus one `split_report` per split."""
+    """The `report.json` document: run settings, one `split_report` per split, and verdicts."""
+    for name, data in splits.items():
+        data["verdict"] = verdict(name, data, tolerance)
+    train = splits.get("train")
     return {
         "method": method,
         "tolerance": tolerance,
         "target_sparsity": target_sparsity,
         "sparsity": sparsity,
+        "constraints_satisfied_on_train": None if train is None else train["satisfied"],
         **extra,
         "splits": splits,
     }
@@ -93,8 +216,74 @@ def save_report(report: dict[str, Any], directory: str) -> str:
     return path
 
 
+def load_report(directory: str) -> dict[str, Any]:
+    """Read `report.json` from a model folder."""
+    with open(os.path.join(directory, REPORT_FILE)) as f:
+        return json.load(f)
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def report_markdown(report: dict[str, Any], split: str) -> str:
+    """Markdown table of one split: per group n, accuracies with intervals, Δ_g, ψ_g with interval, status."""
+    data = report["splits"][split]
+    rows = [
+        "| group | n | dense accuracy [95% CI] | sparse accuracy [95% CI] | Δ_g | ψ_g [95% CI] | status |",
+        "|---|---:|---|---|---:|---|---|",
+    ]
+    for g in data["groups"]:
+        rows.append(
+            f"| {g['name']} | {g['n']} | {g['accuracy_dense']:.3f}{_interval(g['accuracy_dense_ci'])} | "
+            f"{g['accuracy_sparse']:.3f}{_interval(g['accuracy_sparse_ci'])} | {g['accuracy_change']:+.3f} | "
+            f"{g['excess_gap']:+.3f}{_interval(g.get('excess_gap_ci'))} | {g['status']} |"
+        )
+    rows.append(
+        f"| **all** | {data['n']} | {data['accuracy_dense']:.3f}{_interval(data['accuracy_dense_ci'])} | "
+        f"{data['accuracy_sparse']:.3f}{_interval(data['accuracy_sparse_ci'])} | "
+        f"{data['accuracy_dense'] - data['accuracy_sparse']:+.3f} | max {data['max_excess_gap']:+.3f}, "
+        f"spread {data['excess_gap_spread']:.3f} | {data['violated_groups']} violated |"
+    )
+    return "\n".join(rows)
+
+
+def plot_excess_gaps(report: dict[str, Any], path: str) -> str:
+    """PNG: ψ_g per group, sorted, with 95 % intervals and the ε line; one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(report["splits"])
+    most = max(len(report["splits"][s]["groups"]) for s in splits)
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 0.35 * most) * len(splits), 4.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        groups = sorted(report["splits"][split]["groups"], key=lambda g: g["excess_gap"])
+        x = range(len(groups))
+        values = [g["excess_gap"] for g in groups]
+        ci = [g.get("excess_gap_ci", [g["excess_gap"]] * 2) for g in groups]
+        errors = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
+        colors = [
+            "tab:red" if g["status"] == VIOLATED else "tab:gray" if g["status"] == TOO_FEW else "tab:blue"
+            for g in groups
+        ]
+        ax.bar(x, values, color=colors, yerr=errors, capsize=2)
+        ax.axhline(report["tolerance"], color="black", linestyle="--", label=f"ε = {report['tolerance']:g}")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xticks(list(x), [g["name"] for g in groups], rotation=90 if most > 12 else 0, fontsize=8)
+        ax.set_title(f"{report['method']} — {split}")
+        ax.set_ylabel("excess accuracy gap ψ_g")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """Plain-text tables, one per split: per group n, dense and sparse accuracy, ψ_g, and the verdict."""
+    """Plain-text tables for the terminal, one per split, with the verdicts."""
     eps = report["tolerance"]
     lines = [
         f"method={report['method']}  tolerance={eps:g}  target_sparsity={report['target_sparsity']:g}  "
@@ -106,12 +295,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"sparse={data['accuracy_sparse']:.4f}  max excess gap={data['max_excess_gap']:+.4f}  "
             f"max <= eps: {'yes' if data['satisfied'] else 'NO'}"
         )
-        lines.append(f"  {'group':<20} {'n':>6} {'dense':>7} {'sparse':>7} {'excess_gap':>11}")
+        lines.append(f"  {'group':<20} {'n':>6} {'dense':>7} {'sparse':>7} {'excess_gap':>11}  status")
         for g in data["groups"]:
-            flag = "" if g["constrained"] else "  (unconstrained: not in training data)"
-            over = "  > eps" if g["constrained"] and g["excess_gap"] > eps else ""
             lines.append(
                 f"  {g['name'][:20]:<20} {g['n']:>6} {g['accuracy_dense']:>7.4f} {g['accuracy_sparse']:>7.4f} "
-                f"{g['excess_gap']:>+11.4f}{over}{flag}"
+                f"{g['excess_gap']:>+11.4f}  {g['status']}"
             )
-    return "\n".join(lines)
+        lines.append(f"  {data['verdict']}" if "verdict" in data else "")
+    return "\n".join(line for line in lines if line)
