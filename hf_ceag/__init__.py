@@ -3,10 +3,12 @@
 CEAG ("Balancing Act: Constraining Disparate Impact in Sparse Models", ICLR 2024) as a `transformers.Trainer`.
 """
 
+from pathlib import Path
+
 from .ceag_config import CEAGConfig
 from .ceag_trainer import CEAGTrainer
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem
-from .data import load_digits_dataset, load_image_dataset
+from .data import image_processor, load_digits_dataset, load_image_dataset
 from .gaps import excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .models import build_classifier, from_timm
@@ -17,12 +19,16 @@ from .report import format_report, save_report, split_report
 
 __version__ = "0.1.0"
 
+EXCESS_ACCURACY_GAP_METRIC = str(Path(__file__).parent / "metrics" / "excess_accuracy_gap")
+"""Path of the shipped `evaluate` metric: `evaluate.load(hf_ceag.EXCESS_ACCURACY_GAP_METRIC)` works offline."""
+
 __all__ = [
     "GROUP_ID_COLUMN",
     "CEAGConfig",
     "CEAGTrainer",
     "CubicSchedule",
     "DenseReference",
+    "EXCESS_ACCURACY_GAP_METRIC",
     "EqualizedLossProblem",
     "ExcessAccuracyGapProblem",
     "GroupIndex",
@@ -32,6 +38,7 @@ __all__ = [
     "excess_gaps",
     "format_report",
     "from_timm",
+    "image_processor",
     "load_digits_dataset",
     "load_image_dataset",
     "prunable_parameters",

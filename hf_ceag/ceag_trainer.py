@@ -29,9 +29,10 @@ from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
 from .groups import GROUP_ID_COLUMN, GroupIndex
+from .model_card import build_model_card, violation_warning, write_model_folder_extras
+from .models import make_timm_loadable
 from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
 from .reference import DenseReference
-from .model_card import build_model_card, violation_warning, write_model_folder_extras
 from .report import build_report, save_report, split_report
 
 LABEL_COLUMNS = ("label", "labels")
@@ -483,6 +484,16 @@ class CEAGTrainer(Trainer):
         super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call and self.dense_correct:
             self.create_model_card(output_dir=output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # The Trainer pickles its arguments into training_args.bin: keep the Hub token out of that file.
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+        if self.args.should_save:
+            make_timm_loadable(output_dir or self.args.output_dir, self.model)
 
     def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.

@@ -144,3 +144,17 @@ def load_image_dataset(
     loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
     loaded.set_transform(_image_transform(image_column, image_size, channels))
     return loaded
+
+
+def image_processor(image_size: int, channels: int, digits: bool = False):
+    """An image processor matching this module's transforms, saved beside the model so that users can feed
+    it images: resize to `image_size`, rescale to [0, 1], normalise (digits: grayscale, their moments)."""
+    from transformers import ViTImageProcessor
+
+    if digits:
+        mean, std = [DIGITS_MEAN], [DIGITS_STD]
+    else:
+        mean, std = (list(IMAGENET_MEAN), list(IMAGENET_STD)) if channels == 3 else ([0.5], [0.5])
+    return ViTImageProcessor(
+        do_resize=True, size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std
+    )

@@ -71,3 +71,26 @@ def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperF
     wrapped = TimmWrapperForImageClassification(config)
     wrapped.timm_model.load_state_dict(model.state_dict())
     return wrapped
+
+
+def make_timm_loadable(folder: str, model: nn.Module) -> None:
+    """Rewrite a saved `TimmWrapperForImageClassification` folder so `timm.create_model("local-dir:<folder>",
+    pretrained=True)` loads it too: weight names without the wrapper's `timm_model.` prefix (transformers
+    adds it back on load) and timm's `pretrained_cfg` in `config.json`. No-op for other models."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    timm_model = getattr(model, "timm_model", None)
+    weights, config_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    if timm_model is None or not os.path.isfile(weights) or not os.path.isfile(config_file):
+        return
+    state = load_file(weights)
+    save_file({k.removeprefix("timm_model."): v for k, v in state.items()}, weights, metadata={"format": "pt"})
+    with open(config_file) as f:
+        config = json.load(f)
+    pretrained_cfg = json.loads(json.dumps(dict(getattr(timm_model, "pretrained_cfg", {}) or {}), default=str))
+    pretrained_cfg["num_classes"] = model.config.num_labels
+    config["pretrained_cfg"] = pretrained_cfg
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2)

@@ -286,7 +286,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Plain-text tables for the terminal, one per split, with the verdicts."""
     eps = report["tolerance"]
     lines = [
-        f"method={report['method']}  tolerance={eps:g}  target_sparsity={report['target_sparsity']:g}  "
+        f"method={report['method']}  tolerance={eps:g}  target_sparsity={report['target_sparsity']}  "
         f"sparsity={report['sparsity']:.4f}"
     ]
     for split, data in report["splits"].items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from hf_ceag import (
     CEAGTrainer,
     build_classifier,
     format_report,
+    image_processor,
     load_digits_dataset,
     load_image_dataset,
 )
-from hf_ceag.report import save_report
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -64,8 +65,8 @@ RECIPE_DEFAULTS = {
 
 
 @dataclass
-class ScriptArguments:
-    """Data, model and which methods to run."""
+class DataArguments:
+    """Which data, and how images become `pixel_values` (shared with scripts/audit.py)."""
 
     dataset_name: str | None = field(
         default=None,
@@ -90,6 +91,18 @@ class ScriptArguments:
             "choices": ["balanced", "imbalanced"],
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.image_size is None:
+            self.image_size = 16 if self.dataset_name is None else 64
+        if self.dataset_name == "imagefolder" and not self.data_dir:
+            raise ValueError("--dataset_name imagefolder needs --data_dir.")
+
+
+@dataclass
+class ScriptArguments(DataArguments):
+    """Data, model and which methods to run."""
+
     model_name_or_path: str = field(
         default="test_resnet",
         metadata={
@@ -107,17 +120,14 @@ class ScriptArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.image_size is None:
-            self.image_size = 16 if self.dataset_name is None else 64
+        super().__post_init__()
         bad = [m for m in self.methods if m not in METHOD_FOLDERS]
         if bad:
             raise ValueError(f"--methods: {bad} unknown; choose from {list(METHOD_FOLDERS)}.")
-        if self.dataset_name == "imagefolder" and not self.data_dir:
-            raise ValueError("--dataset_name imagefolder needs --data_dir.")
 
 
-def load_data(script: ScriptArguments, config: CEAGConfig) -> tuple[datasets.DatasetDict, int]:
-    """The train/test DatasetDict and the number of image channels."""
+def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.DatasetDict, int]:
+    """The train/test DatasetDict and the number of image channels (`config`: its group_columns and seed)."""
     if script.dataset_name is None:
         rare = (3, 8) if script.digits_variant == "imbalanced" else ()
         return load_digits_dataset(image_size=script.image_size, seed=config.seed, rare_groups=rare), 1
@@ -157,6 +167,7 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
         lr_scheduler_type="cosine",
         mitigation="none",
         target_sparsity=0.0,
+        hub_token=None,  # never pickled into the dense folder's training_args.bin
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
@@ -169,23 +180,44 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     return dense_dir
 
 
-def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict) -> dict:
-    """Prune the dense model with one mitigation; save model and report.json into OUTPUT_DIR/<method>."""
+def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor) -> dict:
+    """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
+    report.json, the model card README.md with its plot, and run_config.json."""
     out = os.path.join(config.output_dir, METHOD_FOLDERS[mitigation])
     args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
     set_seed(args.seed)
     model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
-    trainer = CEAGTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset={"test": data["test"]})
+    trainer = CEAGTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset={"test": data["test"]},
+        processing_class=processor,
+    )
+    trainer.reproduce_command = reproduce_command(sys.argv)
     start = time.time()
     trainer.train()
     report = trainer.group_report()
     report["train_seconds"] = round(time.time() - start, 1)
-    trainer.save_model(out)
+    trainer.save_model(out)  # also writes report.json, README.md and excess_gaps.png
     if trainer.is_world_process_zero():
-        save_report(report, out)
         with open(os.path.join(out, "run_config.json"), "w") as f:
             f.write(args.to_json_string())
     return report
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command line that produced this run, with any token's value redacted."""
+    words, hide_next = ["python", *argv], False
+    for i, word in enumerate(words):
+        if hide_next:
+            words[i], hide_next = "<redacted>", False
+        elif "token" in word.lower() and word.startswith("--"):
+            if "=" in word:
+                words[i] = word.split("=", 1)[0] + "=<redacted>"
+            else:
+                hide_next = True
+    return shlex.join(words)
 
 
 def _use_cpu_processes_if_no_accelerator() -> None:
@@ -208,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     start = time.time()
     data, channels = load_data(script, config)
     dense_dir = dense_model(script, config, data, channels)
-    reports = {METHOD_FOLDERS[m]: prune_with(m, dense_dir, config, data) for m in script.methods}
+    processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
+    reports = {METHOD_FOLDERS[m]: prune_with(m, dense_dir, config, data, processor) for m in script.methods}
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")

@@ -1,6 +1,8 @@
 """The README's first command, in-process: the embedded default run (digits, imbalanced, fixed seed)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,24 @@ def test_default_run_ceag_holds_every_group_within_tolerance_where_nft_does_not(
                 assert key in data
             assert {"name", "n", "accuracy_dense", "accuracy_sparse", "excess_gap"} <= set(data["groups"][0])
     assert "Summary" in printed and "max <= eps" in printed
+
+    # the card a person reads on the Hub, and an audit from the folders alone giving the same report
+    card = (out / "ceag" / "README.md").read_text()
+    assert "## Verdict" in card and "train: every one of the 10 judged groups" in card
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import audit
+
+    audited = audit.main(
+        [
+            "--dense_model",
+            str(out / "dense"),
+            "--sparse_model",
+            str(out / "ceag"),
+            "--output_dir",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert audited["splits"] == json.loads((out / "ceag" / "report.json").read_text())["splits"]
 
     # a second run reuses the dense model
     run_ceag.main(

@@ -1,0 +1,201 @@
+"""Issue 3: report intervals and statuses, the evaluate metric, per-group eval logs, model card, the
+push_to_hub gate, timm-loadable folders and scripts/audit.py."""
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from unittest import mock
+
+import evaluate
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import hf_ceag
+from hf_ceag import CEAGTrainer, split_report
+from hf_ceag.report import TOO_FEW, UNCONSTRAINED, VIOLATED, bootstrap_gap_intervals, wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import audit  # noqa: E402
+
+
+def test_wilson_interval_by_hand_and_coverage():
+    lo, hi = wilson_interval(torch.tensor(8), torch.tensor(10))
+    assert (float(lo), float(hi)) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # textbook values
+    torch.manual_seed(0)
+    n, p = 50, 0.8
+    hits = torch.distributions.Binomial(n, torch.full((4000,), p)).sample()
+    lo, hi = wilson_interval(hits, torch.full((4000,), n))
+    coverage = float(((lo <= p) & (p <= hi)).double().mean())
+    assert 0.93 <= coverage <= 0.97, coverage
+
+
+def test_bootstrap_interval_matches_a_naive_resampling_loop():
+    gen = torch.Generator().manual_seed(1)
+    groups = torch.randint(0, 3, (240,), generator=gen)
+    dense = torch.rand(240, generator=gen) < 0.9
+    sparse = torch.rand(240, generator=gen) < 0.75
+    fast = bootstrap_gap_intervals(groups, dense, sparse, 3, samples=4000, seed=0)
+    rng = random.Random(0)
+    rows = {g: [i for i in range(240) if groups[i] == g] for g in range(3)}
+    psis = []
+    for _ in range(1500):
+        picks = {g: [rng.choice(r) for _ in r] for g, r in rows.items()}
+        d = {g: sum(bool(dense[i]) for i in p) / len(p) for g, p in picks.items()}
+        s = {g: sum(bool(sparse[i]) for i in p) / len(p) for g, p in picks.items()}
+        all_d = sum(sum(bool(dense[i]) for i in p) for p in picks.values()) / 240
+        all_s = sum(sum(bool(sparse[i]) for i in p) for p in picks.values()) / 240
+        psis.append([(d[g] - s[g]) - (all_d - all_s) for g in range(3)])
+    naive = torch.quantile(
+        torch.tensor(psis, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0
+    ).T
+    torch.testing.assert_close(fast, naive, rtol=0, atol=0.02)
+
+
+def test_statuses_spread_and_counts():
+    groups = torch.tensor([0] * 40 + [1] * 40 + [2] * 5 + [3] * 30)
+    dense = torch.ones(115, dtype=torch.bool)
+    sparse = torch.ones(115, dtype=torch.bool)
+    sparse[:8] = False  # group 0 loses 8/40 = 0.2
+    report = split_report(groups, dense, sparse, ["a", "b", "tiny", "new"], 0.05, num_constrained_groups=3)
+    status = {g["name"]: g["status"] for g in report["groups"]}
+    assert status == {"a": VIOLATED, "b": "satisfied", "tiny": TOO_FEW, "new": UNCONSTRAINED}
+    overall = 8 / 115
+    assert report["max_excess_gap"] == pytest.approx(0.2 - overall)
+    assert report["excess_gap_spread"] == pytest.approx((0.2 - overall) - (0 - overall))
+    assert report["violated_groups"] == 1 and report["too_few_samples_groups"] == 1 and not report["satisfied"]
+
+
+def test_evaluate_metric_loads_offline_and_matches_the_report():
+    gen = torch.Generator().manual_seed(2)
+    groups = torch.randint(0, 4, (200,), generator=gen)
+    labels = torch.randint(0, 3, (200,), generator=gen)
+    dense_pred = torch.where(torch.rand(200, generator=gen) < 0.9, labels, (labels + 1) % 3)
+    sparse_pred = torch.where(torch.rand(200, generator=gen) < 0.8, labels, (labels + 1) % 3)
+    names = ["g0", "g1", "g2", "g3"]
+    metric = evaluate.load(hf_ceag.EXCESS_ACCURACY_GAP_METRIC)
+    result = metric.compute(
+        predictions=sparse_pred.tolist(), references=labels.tolist(), groups=[names[g] for g in groups],
+        dense_predictions=dense_pred.tolist(), tolerance=0.01,
+    )  # fmt: skip
+    report = split_report(groups, dense_pred == labels, sparse_pred == labels, names, 0.01, min_samples=1)
+    assert result["max_excess_gap"] == pytest.approx(report["max_excess_gap"])
+    for entry in report["groups"]:
+        assert result["excess_gap"][entry["name"]] == pytest.approx(entry["excess_gap"])
+    by_accuracy = metric.compute(
+        predictions=sparse_pred.tolist(), references=labels.tolist(), groups=[names[g] for g in groups],
+        dense_group_accuracies={e["name"]: e["accuracy_dense"] for e in report["groups"]},
+    )  # fmt: skip
+    assert by_accuracy["excess_gap"] == pytest.approx(result["excess_gap"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    from transformers import set_seed
+
+    from hf_ceag import CEAGConfig, build_classifier
+
+    set_seed(0)
+    out = tmp_path_factory.mktemp("trained")
+    config = CEAGConfig(
+        output_dir=str(out), max_steps=8, per_device_train_batch_size=32, per_device_eval_batch_size=256,
+        learning_rate=0.01, optim="sgd", pruning_end_epoch=0.1, target_sparsity=0.8, buffer_size=4,
+        report_to="none", save_strategy="no", disable_tqdm=True, hub_token="hf_SECRETTOKEN123", seed=0,
+    )  # fmt: skip
+    model = build_classifier("test_resnet", 10, channels=1)
+    trainer = CEAGTrainer(model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]})
+    trainer.train()
+    return trainer
+
+
+def test_evaluate_logs_per_group_accuracy_and_gap_from_one_pass(trained):
+    metrics = trained.evaluate()
+    report = trained.group_report()
+    test = {g["name"]: g for g in report["splits"]["test"]["groups"]}
+    for name, group in test.items():
+        assert metrics[f"eval_test_accuracy/{name}"] == pytest.approx(group["accuracy_sparse"])
+        assert metrics[f"eval_test_excess_gap/{name}"] == pytest.approx(group["excess_gap"])
+    assert metrics["eval_test_max_excess_gap"] == pytest.approx(report["splits"]["test"]["max_excess_gap"])
+    assert any("eval_test_accuracy/3" in entry for entry in trained.state.log_history)
+
+
+def test_saved_folder_card_and_timm_loading(trained, tmp_path):
+    import timm
+    from transformers import AutoModelForImageClassification
+
+    folder = tmp_path / "sparse"
+    trained.save_model(str(folder))
+    for name in ("model.safetensors", "config.json", "README.md", "report.json", "excess_gaps.png"):
+        assert (folder / name).exists(), name
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert {"pruning", "sparse", "fairness"} <= set(data["tags"])
+    report = json.loads((folder / "report.json").read_text())
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["accuracy (test)"] == pytest.approx(report["splits"]["test"]["accuracy_sparse"], abs=1e-6)
+    assert results["max excess accuracy gap (train)"] == pytest.approx(
+        report["splits"]["train"]["max_excess_gap"], abs=1e-6
+    )
+    assert ModelCard(str(card)).data.to_dict() == data  # round trip
+    text = card.text
+    for expected in ("## Verdict", "Per-group results: train", "Per-group results: test", "## Limitations",
+                     "excess_gaps.png", "## Per-layer sparsity", "## How to load", "## Library versions"):  # fmt: skip
+        assert expected in text, expected
+    assert "| 3 | 27 |" in text  # a per-group row
+    x = torch.randn(2, 1, 16, 16)
+    hf = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True).eval()
+    bare = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x), hf(pixel_values=x).logits)
+        torch.testing.assert_close(hf(pixel_values=x).logits, trained.model.eval()(pixel_values=x).logits)
+
+
+def test_push_to_hub_gate_and_no_token_in_files(trained):
+    uploads = []
+
+    def snapshot(folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        uploads.append((files, kwargs))
+
+    api = mock.MagicMock()
+    api.create_repo.return_value = mock.MagicMock(repo_id="me/sparse")
+    api.upload_folder.side_effect = snapshot
+    violated = json.loads(json.dumps(trained.group_report()))
+    violated["splits"]["train"].update(satisfied=False, violated_groups=2, max_excess_gap=0.25)
+    trained.report = violated
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        with pytest.raises(
+            ValueError, match="push_to_hub refused: .*2 group\\(s\\) exceed .*allow_violated_constraints=True"
+        ):
+            trained.push_to_hub()
+        assert not api.upload_folder.called and not api.create_repo.called
+        trained.push_to_hub(allow_violated_constraints=True)
+    files, _ = uploads[-1]
+    card = files["README.md"].decode()
+    assert card.split("---", 2)[2].lstrip().startswith("> **⚠️ Warning: this model does not satisfy")
+    assert {"model.safetensors", "config.json", "report.json", "excess_gaps.png"} <= set(files)
+    assert not any(b"hf_SECRETTOKEN123" in content for content in files.values())
+
+
+def test_audit_refuses_bad_input(tmp_path, digits):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit(num_labels, folder):
+        config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, num_labels=num_labels)  # fmt: skip
+        ViTForImageClassification(config).save_pretrained(folder)
+        return str(folder)
+
+    dense, sparse, other = vit(10, tmp_path / "d"), vit(10, tmp_path / "s"), vit(5, tmp_path / "o")
+    common = ["--output_dir", str(tmp_path / "audit"), "--digits_variant", "balanced"]
+    with pytest.raises(ValueError, match="different label sets: 10 classes .* vs 5 classes"):
+        audit.main(["--dense_model", dense, "--sparse_model", other, *common])
+    with pytest.raises(ValueError, match=r"'skin' is not in the train dataset. Available columns: .*'group'"):
+        audit.main(["--dense_model", dense, "--sparse_model", sparse, "--group_columns", "skin", *common])
+    with pytest.raises(ValueError, match=r"cannot take the data's images of shape \(1, 8, 8\) .*image_size=16"):
+        audit.main(["--dense_model", dense, "--sparse_model", sparse, "--image_size", "8", *common])
+    assert not os.path.exists(tmp_path / "audit" / "report.json")
