@@ -2,9 +2,11 @@
 
 import os
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 README = (ROOT / "README.md").read_text()
 
 
@@ -52,3 +54,18 @@ def test_launcher_lines_are_the_ones_the_scale_out_tests_run():
 
     for launcher in LAUNCHERS.values():
         assert " ".join(launcher) + " scripts/run_ceag.py --output_dir outputs/ddp" in README
+
+
+def test_audit_command_parses_and_the_metric_example_runs():
+    import audit
+    from scripts.run_ceag import DataArguments
+    from transformers import HfArgumentParser
+
+    line = next(b for b in code_blocks("bash") if "scripts/audit.py" in b).split()
+    parsed, data = HfArgumentParser((audit.AuditArguments, DataArguments)).parse_args_into_dataclasses(
+        args=line[line.index("scripts/audit.py") + 1 :]
+    )
+    assert parsed.sparse_model.endswith("ceag") and data.dataset_name is None  # run by test_end_to_end.py
+    namespace = {}
+    exec(compile(code_blocks("python")[1], "README.md", "exec"), namespace)
+    assert namespace["result"]["max_excess_gap"] == 0.25
