@@ -9,6 +9,7 @@ from .ceag_config import CEAGConfig
 from .ceag_trainer import CEAGTrainer
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem
 from .data import image_processor, load_digits_dataset, load_image_dataset
+from .face_datasets import load_cifar100, load_fairface, load_utkface
 from .gaps import excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .models import build_classifier, from_timm
@@ -39,8 +40,11 @@ __all__ = [
     "format_report",
     "from_timm",
     "image_processor",
+    "load_cifar100",
     "load_digits_dataset",
+    "load_fairface",
     "load_image_dataset",
+    "load_utkface",
     "prunable_parameters",
     "save_report",
     "split_report",

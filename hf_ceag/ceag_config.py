@@ -8,6 +8,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 MITIGATIONS = ("none", "ceag", "equalized_loss")
+PRUNING_METHODS = ("magnitude", "fairgrape")
 PRUNING_SCOPES = ("layerwise", "global")
 
 
@@ -57,6 +58,21 @@ class CEAGConfig(TrainingArguments):
             "help": "'layerwise': every pruned layer to the same sparsity; 'global': rank all weights together.",
             "choices": list(PRUNING_SCOPES),
         },
+    )
+    pruning_method: Literal["magnitude", "fairgrape"] = field(
+        default="magnitude",
+        metadata={
+            "help": "'magnitude': gradual magnitude pruning on the cubic schedule; 'fairgrape': FairGRAPE "
+            "group-aware importance pruning in geometric rounds (runs with mitigation 'none').",
+            "choices": list(PRUNING_METHODS),
+        },
+    )
+    fairgrape_rounds: int = field(
+        default=3,
+        metadata={"help": "FairGRAPE: pruning rounds, evenly spaced between pruning start and end epochs."},
+    )
+    fairgrape_calibration_batches: int = field(
+        default=8, metadata={"help": "FairGRAPE: training batches scored per round for group importance."}
     )
     pruning_start_epoch: float = field(
         default=0.0, metadata={"help": "Epoch at which the cubic pruning schedule starts."}
@@ -116,6 +132,18 @@ class CEAGConfig(TrainingArguments):
             raise ValueError(f"dual_lr={self.dual_lr} must be > 0, e.g. 1e-2 (keep it small for stability).")
         if self.buffer_size < 0:
             raise ValueError(f"buffer_size={self.buffer_size} must be >= 0 (0 = mini-batch estimates), e.g. 40.")
+        if self.pruning_method not in PRUNING_METHODS:
+            raise ValueError(f"pruning_method={self.pruning_method!r} is not one of {list(PRUNING_METHODS)}.")
+        if self.pruning_method == "fairgrape" and self.mitigation != "none":
+            raise ValueError(
+                f"pruning_method='fairgrape' runs with mitigation='none' (FairGRAPE is itself the mitigation), "
+                f"got mitigation={self.mitigation!r}."
+            )
+        if self.fairgrape_rounds < 1 or self.fairgrape_calibration_batches < 1:
+            raise ValueError(
+                f"fairgrape_rounds={self.fairgrape_rounds} and fairgrape_calibration_batches="
+                f"{self.fairgrape_calibration_batches} must both be >= 1."
+            )
         if self.pruning_frequency < 1:
             raise ValueError(f"pruning_frequency={self.pruning_frequency} must be >= 1 optimizer step.")
         if self.pruning_start_epoch < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -28,10 +29,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .model_card import build_model_card, violation_warning, write_model_folder_extras
 from .models import make_timm_loadable
-from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
+from .pruning import CubicSchedule, MagnitudePruner, fairgrape_round_steps, prunable_parameters
 from .reference import DenseReference
 from .report import build_report, save_report, split_report
 
@@ -110,6 +112,7 @@ class CEAGTrainer(Trainer):
         self._evaluating_split: str | None = None
         self._allow_violated_constraints = False
         self.report: dict[str, Any] | None = None
+        self.pruning_seconds = 0.0
         self.reproduce_command = ""
         self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
         self.add_callback(_PruningCallback(self))
@@ -272,8 +275,39 @@ class CEAGTrainer(Trainer):
         return optimizer
 
     def _prune_if_scheduled(self, step: int) -> None:
-        if self.schedule is not None and self.schedule.is_pruning_step(step):
+        if self.schedule is None:
+            return
+        start = time.perf_counter()
+        if self.args.pruning_method == "fairgrape":
+            rounds = fairgrape_round_steps(self.schedule.start, self.schedule.end, self.args.fairgrape_rounds)
+            if step not in rounds:
+                return
+            sparsity = geometric_sparsities(self.args.target_sparsity, len(rounds))[rounds.index(step)]
+            self._fairgrape_round(sparsity, rounds.index(step), len(rounds))
+        elif self.schedule.is_pruning_step(step):
             self.pruner.prune_to(self.schedule.sparsity_at(step))
+        else:
+            return
+        self.pruning_seconds += time.perf_counter() - start
+
+    def _fairgrape_round(self, sparsity: float, index: int, rounds: int) -> None:
+        """Score every prunable weight per group on calibration batches, then keep per layer the weights that
+        give each group its share of importance (FairGRAPE), nested in the current masks."""
+        batches = (self._prepare_inputs(b) for b in self.get_train_dataloader())
+        importance = group_importance(
+            self.model,
+            self.pruner.parameters,
+            batches,
+            self.group_index.num_groups,
+            masks=self.pruner.masks,
+            group_key=GROUP_ID_COLUMN,
+            max_batches=self.args.fairgrape_calibration_batches,
+        )
+        if self.accelerator.num_processes > 1:  # every process prunes the same weights
+            importance = {k: self.accelerator.reduce(v, reduction="sum") for k, v in importance.items()}
+        self.pruner.load_state_dict(fairgrape_masks(importance, sparsity, self.pruner.masks))
+        if self.is_local_process_zero() and not self.args.disable_tqdm:
+            print(f"FairGRAPE round {index + 1}/{rounds}: sparsity {sparsity:.4f}")
 
     @property
     def constraints_active(self) -> bool:
@@ -476,6 +510,8 @@ class CEAGTrainer(Trainer):
             pruning_scope=self.args.pruning_scope,
             group_columns=list(self.group_index.columns),
             layer_sparsity=self.pruner.layer_sparsity(),
+            pruning_method=self.args.pruning_method,
+            pruning_seconds=round(self.pruning_seconds, 3),
         )
         return self.report
 
@@ -554,6 +590,8 @@ class CEAGTrainer(Trainer):
 
 
 def _method_name(args: CEAGConfig) -> str:
+    if args.pruning_method == "fairgrape":
+        return "fairgrape"
     if args.mitigation == "none":
         return "nft"
     if args.mitigation == "equalized_loss":

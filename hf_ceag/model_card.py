@@ -23,6 +23,7 @@ METHOD_TEXT = {
     "nft": "naive fine-tuning (NFT, no mitigation)",
     "el": "equalized loss (EL)",
     "el+rb": "equalized loss with replay buffers (EL+RB)",
+    "fairgrape": "FairGRAPE (group-aware importance pruning, no fine-tuning constraints)",
 }
 VERSIONED = (
     "hf-ceag",

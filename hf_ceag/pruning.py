@@ -55,6 +55,13 @@ class CubicSchedule:
         return step == self.end or (step - self.start) % self.frequency == 0
 
 
+def fairgrape_round_steps(start: int, end: int, rounds: int) -> list[int]:
+    """Optimizer steps of `rounds` pruning rounds spread evenly over [start, end] (the last one at `end`)."""
+    if rounds == 1:
+        return [end]
+    return sorted({round(start + i * (end - start) / (rounds - 1)) for i in range(rounds)})
+
+
 def prunable_parameters(model: nn.Module, keep_first_last_dense: bool) -> dict[str, nn.Parameter]:
     """Weights of the conv and linear layers, by name; without the first conv and last linear if asked."""
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_MODULES)]

@@ -158,6 +158,8 @@ def split_report(
         "max_excess_gap": max_gap,
         "excess_gap_spread": (max(judged) - min(judged)) if judged else float("nan"),
         "violated_groups": sum(e["status"] == VIOLATED for e in groups),
+        # FairGRAPE's disparity metric: population std of the per-group accuracy change (all groups present)
+        "accuracy_change_std": float(torch.tensor([e["accuracy_change"] for e in groups]).std(unbiased=False)),
         "too_few_samples_groups": sum(e["status"] == TOO_FEW for e in groups),
         "satisfied": bool(judged) and max_gap <= tolerance,
         "min_samples": min_samples,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
+import yaml
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, set_seed
 
 from hf_ceag import (
@@ -35,6 +36,7 @@ from hf_ceag import (
     load_digits_dataset,
     load_image_dataset,
 )
+from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.cifar_resnet)
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -61,6 +63,7 @@ RECIPE_DEFAULTS = {
     "report_to": "none",
     "remove_unused_columns": False,
     "seed": 0,
+    "mitigation": "none",  # unused here: --methods picks the mitigation of each run
 }
 
 
@@ -131,6 +134,16 @@ def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.Datas
     if script.dataset_name is None:
         rare = (3, 8) if script.digits_variant == "imbalanced" else ()
         return load_digits_dataset(image_size=script.image_size, seed=config.seed, rare_groups=rare), 1
+    recipe = load_recipe_data(
+        script.dataset_name,
+        script.data_dir,
+        config.group_columns,
+        script.image_size,
+        script.test_size,
+        config.seed,
+    )
+    if recipe is not None:  # utkface, fairface, HuggingFaceM4/FairFace, uoft-cs/cifar100: see configs/
+        return recipe, 3
     data = load_image_dataset(
         script.dataset_name,
         config.group_columns,
@@ -183,7 +196,7 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
 def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
     report.json, the model card README.md with its plot, and run_config.json."""
-    out = os.path.join(config.output_dir, METHOD_FOLDERS[mitigation])
+    out = os.path.join(config.output_dir, method_folder(mitigation, config))
     args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
     set_seed(args.seed)
     model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
@@ -206,6 +219,10 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
     return report
 
 
+def method_folder(mitigation: str, config: CEAGConfig) -> str:
+    return "fairgrape" if config.pruning_method == "fairgrape" else METHOD_FOLDERS[mitigation]
+
+
 def reproduce_command(argv: list[str]) -> str:
     """The command line that produced this run, with any token's value redacted."""
     words, hide_next = ["python", *argv], False
@@ -220,6 +237,21 @@ def reproduce_command(argv: list[str]) -> str:
     return shlex.join(words)
 
 
+def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[ScriptArguments, CEAGConfig]:
+    """Flags; or a .json/.yaml config file first, whose values become the defaults the flags after it override."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0].endswith((".json", ".yaml", ".yml")):
+        with open(args[0]) as f:
+            values = json.load(f) if args[0].endswith(".json") else yaml.safe_load(f)
+        known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{args[0]}: unknown field(s) {unknown}; `--help` lists the valid ones.")
+        parser.set_defaults(**values)
+        args = args[1:]
+    return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
 def _use_cpu_processes_if_no_accelerator() -> None:
     # torchrun / accelerate launch start several processes; without a GPU, accelerate only forms a CPU (gloo)
     # process group when told to use the CPU.
@@ -232,16 +264,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     _use_cpu_processes_if_no_accelerator()
     parser = HfArgumentParser((ScriptArguments, CEAGConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        script, config = loader(os.path.abspath(sys.argv[1]))
-    else:
-        script, config = parser.parse_args_into_dataclasses(args=argv)
+    script, config = parse_arguments(parser, argv)
     start = time.time()
     data, channels = load_data(script, config)
     dense_dir = dense_model(script, config, data, channels)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
-    reports = {METHOD_FOLDERS[m]: prune_with(m, dense_dir, config, data, processor) for m in script.methods}
+    methods = script.methods
+    if config.pruning_method == "fairgrape" and methods != ["none"]:
+        print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods none).")
+        methods = ["none"]
+    reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")

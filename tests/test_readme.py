@@ -69,3 +69,10 @@ def test_audit_command_parses_and_the_metric_example_runs():
     namespace = {}
     exec(compile(code_blocks("python")[1], "README.md", "exec"), namespace)
     assert namespace["result"]["max_excess_gap"] == 0.25
+
+
+def test_reproduce_lines_are_among_the_parsed_recipe_commands():
+    recipes = (ROOT / "configs" / "README.md").read_text()
+    block = next(b for b in code_blocks("bash") if "configs/" in b)
+    for line in block.strip().splitlines():
+        assert line in recipes  # tests/test_recipes.py parses every command of configs/README.md
