@@ -85,7 +85,7 @@ class CEAGTrainer(Trainer):
         _check_labels(train_dataset, model, "train")
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
         _warn_small_groups(self.group_index, config.buffer_size)
-        params["train_dataset"] = self.group_index.encode(train_dataset, "train")
+        params["train_dataset"] = self._encode(train_dataset, "train")
         params["eval_dataset"] = self._encode_eval(params.get("eval_dataset"), model)
         MagnitudePruner(
             prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope
@@ -128,8 +128,15 @@ class CEAGTrainer(Trainer):
             if not isinstance(dataset, datasets.Dataset):
                 raise TypeError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
             _check_labels(dataset, model, name)
-            encoded[name] = self.group_index.encode(dataset, name)
+            encoded[name] = self._encode(dataset, name)
         return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
+
+    def _encode(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Add the group id column and drop the raw group columns: only the ids are needed from here on,
+        and every extra column costs time in the datasets formatter on each batch."""
+        encoded = self.group_index.encode(dataset, split)
+        raw = [c for c in self.group_index.columns if c in encoded.column_names and c not in LABEL_COLUMNS]
+        return encoded.remove_columns(raw) if raw else encoded
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -441,7 +448,7 @@ class CEAGTrainer(Trainer):
         if isinstance(target, dict):  # Trainer.evaluate calls back once per named split
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if isinstance(eval_dataset, datasets.Dataset) and GROUP_ID_COLUMN not in eval_dataset.column_names:
-            eval_dataset = self.group_index.encode(eval_dataset, "evaluate")
+            eval_dataset = self._encode(eval_dataset, "evaluate")
         self._evaluating_split = (
             eval_dataset if isinstance(eval_dataset, str) else "eval" if eval_dataset is None else ""
         )

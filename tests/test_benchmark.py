@@ -1,0 +1,74 @@
+"""scripts/benchmark.py --quick, in-process: every part of BENCHMARKS.md is written, with finite figures, and the
+last printed line gives the headline ratios."""
+
+import math
+import re
+
+import pytest
+
+benchmark = pytest.importorskip("scripts.benchmark")
+
+HEADLINE_KEYS = ("ceag_over_nft", "nft_over_plain", "groups_10000_over_10", "ceag_rss_over_nft")
+SECTIONS = (
+    "## Setup",
+    "## 1. Methods on the embedded digits data",
+    "## 2. Overhead per step",
+    "## 3. Cost as groups grow",
+    "## 4. Peak memory",
+    "## Headline",
+)
+
+
+def _numbers(row: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?|[-+]?nan|[-+]?inf", row)]
+
+
+def _table_rows(text: str, first_cell: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
+def test_quick_benchmark_writes_every_part_and_ends_with_the_headline(tmp_path, capsys):
+    output = tmp_path / "BENCHMARKS.md"
+    values = benchmark.main(["--quick", "--output", str(output), "--work_dir", str(tmp_path / "work")])
+    printed = capsys.readouterr().out.strip().splitlines()
+
+    pairs = dict(pair.split("=", 1) for pair in printed[-1].split())
+    for key in HEADLINE_KEYS:
+        assert math.isfinite(float(pairs[key])) and float(pairs[key]) > 0, printed[-1]
+        assert float(pairs[key]) == pytest.approx(values[key], abs=1e-3)
+
+    text = output.read_text()
+    positions = [text.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    assert "python scripts/benchmark.py --quick" in text and "Quick mode" in text
+    for fact in ("CPU ", "cores ", "RAM ", "GPU ", "torch ", "transformers ", "cooper-optim "):
+        assert fact in text.split("## 1.")[0]
+    assert printed[-1] in text.split("## Headline")[1]
+
+    # part 1: one row per method run in quick mode, every figure finite, and a computed reading under it
+    for method in ("NFT", "CEAG"):
+        rows = [r for r in _table_rows(text, "imbalanced") if f"| {method} |" in r]
+        assert len(rows) == 1, rows
+        numbers = _numbers(rows[0])
+        assert len(numbers) >= 8 and all(math.isfinite(x) for x in numbers), rows[0]
+        assert 0.5 < numbers[1] <= 1.0  # test accuracy of a 90 %-sparse model on digits
+    assert "Train max ψ_g ≤ ε" in text and "CEAG's mean train max ψ_g" in text
+
+    # parts 2 and 3: a positive step time for each configuration and group count; FairGRAPE's cost
+    for configuration in (
+        "`transformers.Trainer`",
+        "`CEAGTrainer`, mitigation none",
+        "`CEAGTrainer`, mitigation ceag",
+    ):
+        row = next(r for r in text.splitlines() if r.startswith(f"| {configuration}"))
+        assert all(math.isfinite(x) and x > 0 for x in _numbers(row.split("|", 2)[2])), row
+    for groups in ("10", "10,000"):
+        (row,) = [r for r in _table_rows(text, groups) if r.count("|") == 6]
+        assert all(math.isfinite(x) for x in _numbers(row)), row
+    fairgrape = [r for r in _table_rows(text, "100") if r.count("|") == 8]
+    assert fairgrape and all(math.isfinite(x) and x >= 0 for x in _numbers(fairgrape[0]))
+
+    # part 4: peak memory of each method, larger than the resident memory before the run's start
+    for method in ("NFT", "CEAG"):
+        before, peak = _numbers(_table_rows(text, method)[-1])[:2]
+        assert 0 < before <= peak
