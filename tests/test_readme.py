@@ -76,3 +76,8 @@ def test_reproduce_lines_are_among_the_parsed_recipe_commands():
     block = next(b for b in code_blocks("bash") if "configs/" in b)
     for line in block.strip().splitlines():
         assert line in recipes  # tests/test_recipes.py parses every command of configs/README.md
+
+
+def test_benchmark_command_is_the_tested_quick_mode():
+    line = next(b for b in code_blocks("bash") if "scripts/benchmark.py" in b).strip()
+    assert line == "python scripts/benchmark.py --quick"  # run in-process by tests/test_benchmark.py
