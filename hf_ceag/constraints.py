@@ -12,6 +12,8 @@ process takes the same dual step. With `buffer_size = 0` the estimate is the las
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from cooper import CMPState, ConstrainedMinimizationProblem, Constraint, ConstraintState, ConstraintType
 from cooper.formulations import Lagrangian
@@ -77,13 +79,17 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
             self.observed = self.ready = counts > 0
             self.estimate_weights = counts.float()
 
+    @abc.abstractmethod
     def strict_violations(self) -> torch.Tensor:
         """Non-differentiable violation of every group's constraint from the current estimates, `[G]`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """Differentiable violation of every group's constraint from mini-batch losses, `[G]`."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def estimated_gaps(self) -> torch.Tensor:
+        """The per-group quantity the constraint bounds, from the current estimates (for logs), `[G]`."""
 
     def compute_cmp_state(
         self,
