@@ -87,11 +87,9 @@ class CEAGTrainer(Trainer):
         _warn_small_groups(self.group_index, config.buffer_size)
         params["train_dataset"] = self._encode(train_dataset, "train")
         params["eval_dataset"] = self._encode_eval(params.get("eval_dataset"), model)
-        MagnitudePruner(
-            prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope
-        )  # validates
         super().__init__(**params)
-        # Built after the Trainer placed the model on its device, so the masks live beside the weights.
+        # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
+        # refuses a model without prunable layers, still before any training.
         self.pruner = MagnitudePruner(
             prunable_parameters(self.model, config.keep_first_last_dense), config.pruning_scope
         )

@@ -218,12 +218,6 @@ def save_report(report: dict[str, Any], directory: str) -> str:
     return path
 
 
-def load_report(directory: str) -> dict[str, Any]:
-    """Read `report.json` from a model folder."""
-    with open(os.path.join(directory, REPORT_FILE)) as f:
-        return json.load(f)
-
-
 def _interval(ci: list[float] | None) -> str:
     return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 

@@ -58,8 +58,9 @@ def test_launcher_lines_are_the_ones_the_scale_out_tests_run():
 
 def test_audit_command_parses_and_the_metric_example_runs():
     import audit
-    from scripts.run_ceag import DataArguments
     from transformers import HfArgumentParser
+
+    from scripts.run_ceag import DataArguments
 
     line = next(b for b in code_blocks("bash") if "scripts/audit.py" in b).split()
     parsed, data = HfArgumentParser((audit.AuditArguments, DataArguments)).parse_args_into_dataclasses(

@@ -352,14 +352,8 @@ def recipe_data(name, utkface_dir, fairface_dir, monkeypatch, script, config):
         data_dir = str(utkface_dir if name.startswith("utkface") else fairface_dir)
     script = dataclasses.replace(script, image_size=8, data_dir=data_dir)
     with pytest.warns(UserWarning, match="Skipped") if data_dir else contextlib.nullcontext():
-        data = load_recipe_data(
-            script.dataset_name,
-            script.data_dir,
-            config.group_columns,
-            script.image_size,
-            script.test_size,
-            config.seed,
-        )
+        data, channels = run_ceag.load_data(script, config)  # the CLI's own routing to the recipe loaders
+    assert channels == 3
     return script, data
 
 

@@ -181,3 +181,16 @@ def test_a_given_dense_reference_is_used_and_checked(tiny_model, digits, make_co
             train_dataset=digits["train"],
             dense_reference=DenseReference(["a"], [1], [1.0], [0.1]),
         )
+
+
+def test_from_timm_wraps_a_bare_timm_model_with_the_same_outputs():
+    import timm
+
+    from hf_ceag import from_timm
+
+    bare = timm.create_model("test_resnet", num_classes=10, in_chans=1).eval()
+    wrapped = from_timm(bare, "test_resnet", in_chans=1).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(pixel_values=x).logits, bare(x))
+    assert wrapped.config.num_labels == 10
