@@ -17,6 +17,7 @@ from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
 from .reference import DenseReference
 from .replay_buffer import ReplayBuffer
 from .report import format_report, save_report, split_report
+from .styled_digits import load_styled_digits_dataset
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "load_digits_dataset",
     "load_fairface",
     "load_image_dataset",
+    "load_styled_digits_dataset",
     "load_utkface",
     "prunable_parameters",
     "save_report",

@@ -46,6 +46,15 @@ class CEAGConfig(TrainingArguments):
             "help": "Learning rate of the Lagrange multipliers (plain projected SGD ascent). Keep it small."
         },
     )
+    surrogate_overall_gradient: bool = field(
+        default=False,
+        metadata={
+            "help": "CEAG: let the primal step follow the gradient of the overall-loss term of the proxy "
+            "constraints (L_g - L_g_dense) - (L - L_dense), as the paper's code does. Off by default: once the "
+            "multipliers sum past 1, that term makes the step raise the loss of the other groups, and training "
+            "can collapse (seen at 99%% sparsity)."
+        },
+    )
     target_sparsity: float = field(
         default=0.9, metadata={"help": "Final fraction of zero weights in the pruned layers, in [0, 1)."}
     )

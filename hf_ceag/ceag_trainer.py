@@ -4,7 +4,8 @@ constraints (CEAG), equalized-loss constraints (EL, EL+RB), or none (NFT).
 The Trainer's own loop runs unchanged. This class overrides only:
 * `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
   (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
-* `create_optimizer`: attaches the pruning masks to the optimizer (grads masked before, weights after a step);
+* `create_optimizer`: attaches the pruning masks to the optimizer (pruned weights zeroed after each step;
+  their gradients are masked as autograd produces them, before clipping);
 * `train`: computes the dense reference and the step schedule before the first step;
 * `log`: adds the constraint metrics accumulated since the last log.
 """
@@ -272,7 +273,13 @@ class CEAGTrainer(Trainer):
         if self.args.mitigation == "equalized_loss":
             return EqualizedLossProblem(reference, self.args.buffer_size, device=device)
         # NFT keeps a CEAG problem too, never stepping its duals, to log the estimated gaps.
-        return ExcessAccuracyGapProblem(reference, self.args.buffer_size, self.args.tolerance, device=device)
+        return ExcessAccuracyGapProblem(
+            reference,
+            self.args.buffer_size,
+            self.args.tolerance,
+            device=device,
+            overall_gradient=self.args.surrogate_overall_gradient,
+        )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -624,10 +631,13 @@ def _check_labels(dataset: datasets.Dataset, model, split: str) -> None:
 
 
 def _warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
+    # Buffers carry over between epochs, so a small group's buffer does fill, after buffer_size / n epochs;
+    # but it then holds some images twice, and its estimate reacts to the model more slowly.
     small = [f"{name} (n={n})" for name, n in zip(index.names, index.train_counts) if n < buffer_size]
     if small:
         warnings.warn(
-            f"Group(s) {small} have fewer training samples than buffer_size={buffer_size}: their buffers "
-            "never fill, so their constraints never take a dual step. Lower buffer_size or merge groups.",
+            f"Group(s) {small} have fewer training samples than buffer_size={buffer_size}: their buffers fill "
+            "only after more than one epoch and then repeat images, so their constraints start late and react "
+            "slowly. Consider a smaller buffer_size or merging groups.",
             stacklevel=3,
         )

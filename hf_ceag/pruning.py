@@ -2,9 +2,16 @@
 
     s(t) = s_f + (s_0 − s_f) · (1 − (t − t_0) / (t_1 − t_0))³     for t_0 ≤ t ≤ t_1
 
-Masks are recomputed every `frequency` optimizer steps between t_0 and t_1, are nested (a pruned weight
-never comes back), and are enforced around every optimizer step by hooks, so pruned weights stay exactly
-zero whatever the optimizer (momentum, Adam moments, weight decay).
+Masks are recomputed every `frequency` optimizer steps between t_0 and t_1 and are nested (a pruned weight
+never comes back). They are enforced twice:
+
+* on the gradients, by a tensor hook on every prunable weight, so a pruned weight's gradient is zero from the
+  moment autograd produces it: before gradient accumulation, DDP's all-reduce, the fp16 loss scaler's
+  unscaling, the Trainer's gradient clipping and its logged `grad_norm`, and any callback. (Masking in an
+  optimizer pre-step hook comes too late: the Trainer clips before `optimizer.step()`, and the pruned weights'
+  gradients would inflate the clipping norm.)
+* on the weights, by an optimizer post-step hook, so pruned weights stay exactly zero whatever the optimizer
+  does with its state (momentum, Adam moments, decoupled weight decay).
 """
 
 from __future__ import annotations
@@ -97,7 +104,22 @@ class MagnitudePruner:
         self.parameters = parameters
         self.scope = scope
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in parameters.items()}
+        self._pruned = False  # until the first pruning, every mask is all True and the gradient hooks idle
         self._hooked: set[int] = set()
+        self._gradient_hooks = [p.register_hook(self._gradient_mask(name)) for name, p in parameters.items()]
+
+    def _gradient_mask(self, name: str):
+        # Looks the mask up at call time: pruning replaces the mask tensors.
+        def mask(grad: torch.Tensor) -> torch.Tensor | None:
+            return grad * self.masks[name] if self._pruned else None
+
+        return mask
+
+    def detach(self) -> None:
+        """Remove the gradient hooks from the weights (the optimizer hooks go with their optimizer)."""
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
 
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
@@ -123,6 +145,7 @@ class MagnitudePruner:
             keep[_smallest(flat, round(sparsity * flat.numel()))] = False
             for name, chunk in zip(scores, keep.split([s.numel() for s in scores.values()])):
                 self.masks[name] = chunk.view_as(scores[name])
+        self._pruned = True
         self.apply_masks()
 
     @torch.no_grad()
@@ -131,19 +154,12 @@ class MagnitudePruner:
         for name, p in self.parameters.items():
             p.mul_(self.masks[name])
 
-    @torch.no_grad()
-    def mask_gradients(self) -> None:
-        """Zero the gradients of pruned weights, so optimizer state does not build up for them."""
-        for name, p in self.parameters.items():
-            if p.grad is not None:
-                p.grad.mul_(self.masks[name])
-
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Mask gradients before and weights after every `optimizer.step()` (idempotent)."""
+        """Zero the pruned weights after every `optimizer.step()` (idempotent). Their gradients are already
+        zero: the tensor hooks installed at construction mask them as autograd produces them."""
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         if id(optimizer) in self._hooked:
             return
-        optimizer.register_step_pre_hook(lambda *_: self.mask_gradients())
         optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooked.add(id(optimizer))
 
@@ -167,4 +183,5 @@ class MagnitudePruner:
             raise ValueError(f"Pruning masks missing for {sorted(missing)}: the checkpoint is for another model.")
         for name in self.masks:
             self.masks[name] = state[name].to(self.masks[name].device, torch.bool)
+        self._pruned = not all(bool(mask.all()) for mask in self.masks.values())
         self.apply_masks()

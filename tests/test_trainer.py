@@ -194,3 +194,35 @@ def test_from_timm_wraps_a_bare_timm_model_with_the_same_outputs():
     with torch.no_grad():
         torch.testing.assert_close(wrapped(pixel_values=x).logits, bare(x))
     assert wrapped.config.num_labels == 10
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_pruned_weights_have_no_gradient_when_the_trainer_clips(tiny_model, digits, make_config, accumulation):
+    """At clipping time (after every micro-batch's backward, before optimizer.step) no pruned weight has a
+    gradient, and the clipped / logged norm is that of the kept weights — computed here independently."""
+    config = make_config(
+        mitigation="ceag", max_grad_norm=1.0, logging_steps=1, gradient_accumulation_steps=accumulation,
+        pruning_end_epoch=0.05, max_steps=6,
+    )  # fmt: skip
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    seen = []
+    clip = trainer.accelerator.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        pruned_nonzero = sum(
+            int((p.grad[~trainer.pruner.masks[name]] != 0).sum())
+            for name, p in trainer.pruner.parameters.items()
+            if p.grad is not None
+        )
+        kept_norm = torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]).norm().item()
+        seen.append((trainer.pruner.sparsity(), pruned_nonzero, kept_norm))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = recording_clip
+    trainer.train()
+    pruned_steps = [s for s in seen if s[0] > 0.5]
+    assert len(pruned_steps) >= 3
+    assert all(nonzero == 0 for _, nonzero, _ in seen)
+    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert logged == pytest.approx([norm for _, _, norm in seen], rel=1e-4)
