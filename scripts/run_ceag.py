@@ -51,7 +51,7 @@ RECIPE_DEFAULTS = {
     "learning_rate": 0.01,
     "optim": "sgd",
     "optim_args": "momentum=0.9",
-    "lr_scheduler_type": "constant",
+    "lr_scheduler_type": "cosine",
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
     "weight_decay": 0.0,

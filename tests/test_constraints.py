@@ -37,23 +37,48 @@ def test_multipliers_rise_for_violated_groups_stay_nonnegative_and_wait_for_full
         assert problem.ready.tolist() == [True, True, False]
         assert lam[0] > 0 and lam[1] == 0 and lam[2] == 0
         assert (lam >= 0).all()
-    # by hand: all three groups observed, each 1/3 of training; sparse accuracies (0, 1, 0) → overall 1/3
-    assert psi[0].item() == pytest.approx((0.9 - 0.0) - (0.9 - 1 / 3))
+    # by hand: only the full buffers (groups 0 and 1, half of their training rows each) count, in ψ̂ and in
+    # the overall accuracy inside it: sparse (0, 1) → overall 1/2; group 2's partial buffer is left out
+    assert psi[0].item() == pytest.approx((0.9 - 0.0) - (0.9 - 1 / 2))
+    assert psi[2].item() == 0.0
     assert lam[0].item() == pytest.approx(3 * 0.5 * (psi[0].item() - 0.05))
 
 
-def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates():
-    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0)
+@pytest.mark.parametrize("overall_gradient", [False, True], ids=["default_proxy", "paper_proxy"])
+def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates(overall_gradient):
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient)
     with torch.no_grad():
         problem.multiplier.weight.copy_(torch.tensor([[0.2], [0.0], [0.7]]))
     losses = torch.tensor([0.1, 0.5, 0.9, 1.3], requires_grad=True)
     ids = torch.tensor([0, 0, 2, 1])
     state = problem.compute_cmp_state(losses, ids, update_duals=False)
     state.compute_primal_lagrangian().lagrangian.backward()
-    # L = mean; ψ̃_g = L_g − L + const → dL/dl_i = 1/4; dL_0/dl_i = 1/2 for i in {0,1}; dL_2/dl_2 = 1
+    # L = mean; ψ̃_g = L_g − L + const → dL/dl_i = 1/4; dL_0/dl_i = 1/2 for i in {0,1}; dL_2/dl_2 = 1; the
+    # default proxy holds L constant inside ψ̃_g, the paper's differentiates it too
     lam0, lam2 = 0.2, 0.7
-    expected = torch.full((4,), 0.25) * (1 - lam0 - lam2) + torch.tensor([lam0 / 2, lam0 / 2, lam2, 0.0])
+    overall = (1 - lam0 - lam2) if overall_gradient else 1.0
+    expected = torch.full((4,), 0.25) * overall + torch.tensor([lam0 / 2, lam0 / 2, lam2, 0.0])
     torch.testing.assert_close(losses.grad, expected)
+
+
+@pytest.mark.parametrize("overall_gradient", [False, True], ids=["default_proxy", "paper_proxy"])
+def test_primal_step_never_raises_a_groups_loss_with_the_default_proxy(overall_gradient):
+    """Once the multipliers sum past 1, the paper's proxy gives the samples of a group with λ_g = 0 a negative
+    weight in the primal gradient (the step raises their loss); the default proxy keeps every weight > 0."""
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient)
+    torch.manual_seed(0)
+    for _ in range(20):
+        lam = torch.rand(3, 1) * 3
+        lam[torch.randint(0, 3, ())] = 0.0
+        with torch.no_grad():
+            problem.multiplier.weight.copy_(lam)
+        losses = torch.rand(12, requires_grad=True)
+        ids = torch.arange(12) % 3
+        problem.compute_cmp_state(losses, ids, update_duals=False).compute_primal_lagrangian().lagrangian.backward()
+        if overall_gradient and lam.sum() > 1:
+            assert (losses.grad[lam.flatten()[ids] == 0] < 0).all()
+        if not overall_gradient:
+            assert (losses.grad > 0).all()
 
 
 def test_equalized_loss_multipliers_take_either_sign():

@@ -1,4 +1,6 @@
-"""The README's first command, in-process: the embedded default run (digits, imbalanced, fixed seed)."""
+"""The README's first command, in-process: the default pipeline (dense training, NFT, CEAG, reports, cards,
+audit, dense reuse) end to end. Fast settings here; whether the default *recipe* meets its claims is measured
+over seeds and thread counts by `scripts/benchmark.py` (BENCHMARKS.md, part 0), never asserted from one run."""
 
 import json
 import sys
@@ -8,20 +10,23 @@ import pytest
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 
-SLACK = 0.005  # allowed excess over the tolerance for CEAG's training max gap
+FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "4", "--num_train_epochs", "3", "--pruning_end_epoch", "1",
+        "--buffer_size", "8", "--disable_tqdm", "true"]  # fmt: skip
 
 
-def test_default_run_ceag_holds_every_group_within_tolerance_where_nft_does_not(tmp_path, capsys):
+def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys):
     out = tmp_path / "run"
-    reports = run_ceag.main(["--output_dir", str(out), "--disable_tqdm", "true"])
+    reports = run_ceag.main(["--output_dir", str(out), *FAST])
     printed = capsys.readouterr().out
     nft, ceag = reports["nft"], reports["ceag"]
-    eps = ceag["tolerance"]
-
-    assert nft["splits"]["train"]["max_excess_gap"] > eps
-    assert ceag["splits"]["train"]["max_excess_gap"] <= eps + SLACK
-    assert ceag["splits"]["test"]["accuracy_sparse"] >= nft["splits"]["test"]["accuracy_sparse"] - 0.02
-    assert ceag["splits"]["train"]["accuracy_sparse"] >= nft["splits"]["train"]["accuracy_sparse"] - 0.02
+    for report in (nft, ceag):  # invariants of every run, whatever the float outcome
+        for split in ("train", "test"):
+            data = report["splits"][split]
+            psi = [g["excess_gap"] for g in data["groups"]]
+            assert data["max_excess_gap"] == pytest.approx(max(psi))
+            weights = [g["n"] for g in data["groups"]]
+            assert sum(w * p for w, p in zip(weights, psi)) == pytest.approx(0.0, abs=1e-9)  # ψ_g average to 0
+        assert report["splits"]["train"]["accuracy_dense"] == nft["splits"]["train"]["accuracy_dense"]
 
     for name in ("dense", "nft", "ceag"):
         assert (out / name / "model.safetensors").exists()
@@ -39,7 +44,7 @@ def test_default_run_ceag_holds_every_group_within_tolerance_where_nft_does_not(
 
     # the card a person reads on the Hub, and an audit from the folders alone giving the same report
     card = (out / "ceag" / "README.md").read_text()
-    assert "## Verdict" in card and "train: every one of the 10 judged groups" in card
+    assert "## Verdict" in card and "10 judged groups" in card
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import audit
 
@@ -51,12 +56,34 @@ def test_default_run_ceag_holds_every_group_within_tolerance_where_nft_does_not(
             str(out / "ceag"),
             "--output_dir",
             str(tmp_path / "a"),
+            "--digits_variant",
+            "imbalanced",
         ]
     )
     assert audited["splits"] == json.loads((out / "ceag" / "report.json").read_text())["splits"]
 
-    # a second run reuses the dense model
-    run_ceag.main(
-        ["--output_dir", str(out), "--disable_tqdm", "true", "--methods", "none", "--num_train_epochs", "4"]
-    )
+    # a second run reuses the dense model; one that asks for other data or another model is refused, and the
+    # dense folder is left as it was
+    run_ceag.main(["--output_dir", str(out), *FAST, "--methods", "none", "--num_train_epochs", "2"])
     assert "Reusing the dense model" in capsys.readouterr().out
+    weights = (out / "dense" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="image_size"):
+        run_ceag.main(["--output_dir", str(out), *FAST, "--image_size", "8", "--methods", "none"])
+    with pytest.raises(ValueError, match="digits_variant"):
+        run_ceag.main(["--output_dir", str(out), *FAST, "--digits_variant", "balanced", "--methods", "none"])
+    assert (out / "dense" / "model.safetensors").read_bytes() == weights
+
+
+def test_the_default_data_runs_through_the_cli_with_large_groups(tmp_path):
+    """The embedded default itself (styled digits), in miniature: every training group has >= 200 rows."""
+    out = tmp_path / "styled"
+    reports = run_ceag.main(
+        ["--output_dir", str(out), "--dense_epochs", "1", "--num_train_epochs", "1", "--pruning_end_epoch", "0.5",
+         "--methods", "ceag", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    groups = reports["ceag"]["splits"]["train"]["groups"]
+    assert [g["name"] for g in groups] == ["plain", "inverted"]
+    assert min(g["n"] for g in groups) >= 200
+    assert reports["ceag"]["sparsity"] == pytest.approx(run_ceag.RECIPE_DEFAULTS["target_sparsity"], abs=1e-3)
+    made = json.loads((out / "dense" / run_ceag.DENSE_RECORD).read_text())
+    assert made["digits_variant"] == "styled" and made["seed"] == 0
