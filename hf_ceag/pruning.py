@@ -106,7 +106,8 @@ class MagnitudePruner:
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in parameters.items()}
         self._pruned = False  # until the first pruning, every mask is all True and the gradient hooks idle
         self._hooked: set[int] = set()
-        self._gradient_hooks = [p.register_hook(self._gradient_mask(name)) for name, p in parameters.items()]
+        for name, p in parameters.items():
+            p.register_hook(self._gradient_mask(name))
 
     def _gradient_mask(self, name: str):
         # Looks the mask up at call time: pruning replaces the mask tensors.
@@ -114,12 +115,6 @@ class MagnitudePruner:
             return grad * self.masks[name] if self._pruned else None
 
         return mask
-
-    def detach(self) -> None:
-        """Remove the gradient hooks from the weights (the optimizer hooks go with their optimizer)."""
-        for handle in self._gradient_hooks:
-            handle.remove()
-        self._gradient_hooks = []
 
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:

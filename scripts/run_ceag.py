@@ -42,9 +42,11 @@ from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 wi
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
 # The embedded recipe: what the defaults of the generic TrainingArguments become in this script. On the styled
-# digits (hf_ceag.styled_digits) a 98 %-sparse test_resnet loses 3-6 points more accuracy on the rare inverted
-# style than on average when naively fine-tuned; CEAG brings that back within ε = 0.01 at a cost of under one
-# point of test accuracy (BENCHMARKS.md: five seeds, one and two threads).
+# digits (hf_ceag.styled_digits), naive fine-tuning of a 97.5 %-sparse test_resnet lets the rare inverted style
+# lose 2-4 points more accuracy than average; CEAG holds it within ε = 0.01 for under a point of test accuracy.
+# The window is narrow, so every figure is measured over seeds and thread counts (BENCHMARKS.md, part 0):
+# more epochs let NFT fit the training set too (16 epochs: NFT's gap < 2ε); 98 % sparsity or a constant learning
+# rate cost CEAG 1-2 points of test accuracy on some seeds.
 RECIPE_DEFAULTS = {
     "output_dir": "outputs/ceag-digits",
     "num_train_epochs": 12,
@@ -55,7 +57,7 @@ RECIPE_DEFAULTS = {
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
     "weight_decay": 0.0,
-    "target_sparsity": 0.98,
+    "target_sparsity": 0.975,
     "pruning_end_epoch": 3.0,
     "pruning_frequency": 5,
     "dual_lr": 0.03,

@@ -11,7 +11,8 @@ benchmark = pytest.importorskip("scripts.benchmark")
 HEADLINE_KEYS = ("ceag_over_nft", "nft_over_plain", "groups_10000_over_10", "ceag_rss_over_nft")
 SECTIONS = (
     "## Setup",
-    "## 1. Methods on the embedded digits data",
+    "## 0. The default run, as a user runs it",
+    "## 1. Methods on the embedded data",
     "## 2. Overhead per step",
     "## 3. Cost as groups grow",
     "## 4. Peak memory",
@@ -44,6 +45,14 @@ def test_quick_benchmark_writes_every_part_and_ends_with_the_headline(tmp_path, 
     for fact in ("CPU ", "cores ", "RAM ", "GPU ", "torch ", "transformers ", "cooper-optim "):
         assert fact in text.split("## 1.")[0]
     assert printed[-1] in text.split("## Headline")[1]
+
+    # part 0: the README's command in a fresh process, its claims counted per thread count
+    (summary,) = [r for r in text.split("## 1.")[0].splitlines() if r.startswith("| 1 | 1 |")]
+    numbers = _numbers(summary)
+    assert all(math.isfinite(x) for x in numbers), summary
+    assert re.search(r"(\| [01]/1 ){4}\|$", summary), summary
+    (run,) = [r for r in text.split("## 1.")[0].splitlines() if r.startswith("| 1 | 0 |")]
+    assert 0.3 < _numbers(run)[-2] <= 1.0  # CEAG's test accuracy
 
     # part 1: one row per method run in quick mode, every figure finite, and a computed reading under it
     for method in ("NFT", "CEAG"):

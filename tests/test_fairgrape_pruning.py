@@ -49,7 +49,7 @@ def test_cli_pruning_method_fairgrape(tmp_path):
         [
             "--output_dir", str(tmp_path), "--pruning_method", "fairgrape", "--dense_epochs", "1",
             "--num_train_epochs", "2", "--pruning_end_epoch", "1", "--fairgrape_calibration_batches", "2",
-            "--disable_tqdm", "true",
+            "--digits_variant", "imbalanced", "--disable_tqdm", "true",
         ]
     )  # fmt: skip
     assert list(reports) == ["fairgrape"]

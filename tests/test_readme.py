@@ -82,3 +82,21 @@ def test_reproduce_lines_are_among_the_parsed_recipe_commands():
 def test_benchmark_command_is_the_tested_quick_mode():
     line = next(b for b in code_blocks("bash") if "scripts/benchmark.py" in b).strip()
     assert line == "python scripts/benchmark.py --quick"  # run in-process by tests/test_benchmark.py
+
+
+def test_help_lists_every_config_field_and_method():
+    """`python scripts/run_ceag.py --help` is how users find flags: it must print (a bare % once crashed it)."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from hf_ceag import CEAGConfig
+    from hf_ceag.ceag_config import MITIGATIONS
+    from scripts.run_ceag import ScriptArguments
+
+    text = HfArgumentParser((ScriptArguments, CEAGConfig)).format_help()
+    own = [f.name for f in dataclasses.fields(CEAGConfig) if f.name in CEAGConfig.__annotations__]
+    missing = [name for name in own if f"--{name}" not in text]
+    assert not missing and len(own) > 10, missing
+    for method in MITIGATIONS:
+        assert method in text
