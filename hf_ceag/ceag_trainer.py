@@ -397,12 +397,14 @@ class CEAGTrainer(Trainer):
         dual.lagrangian.backward()
         self.dual_optimizer.step()
         self.problem.multiplier.post_step_()
+        self.problem.dual_steps += 1
 
     def _undo_dual_step_if_skipped(self) -> None:
         before, self._multipliers_before_step = self._multipliers_before_step, None
         if before is not None and self.accelerator.optimizer_step_was_skipped:
             with torch.no_grad():
                 self.problem.multiplier.weight.copy_(before)
+            self.problem.dual_steps -= 1
 
     # ---- logging ----
 
@@ -524,8 +526,16 @@ class CEAGTrainer(Trainer):
             layer_sparsity=self.pruner.layer_sparsity(),
             pruning_method=self.args.pruning_method,
             pruning_seconds=round(self.pruning_seconds, 3),
+            dual_steps=self.problem.dual_steps if self.problem is not None else 0,
+            multipliers=self._final_multipliers(),
         )
         return self.report
+
+    def _final_multipliers(self) -> dict[str, float]:
+        if self.problem is None:
+            return {}
+        names = self.group_index.names[: self.group_index.num_groups]
+        return dict(zip(names, self.problem.multipliers_tensor().tolist()))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`; after training, also `report.json`, the card `README.md` and its plot."""

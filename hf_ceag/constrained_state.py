@@ -55,6 +55,7 @@ class ConstrainedState:
             "estimate.weights": problem.estimate_weights,
             "estimate.observed": problem.observed.to(torch.uint8),
             "estimate.ready": problem.ready.to(torch.uint8),
+            "dual_steps": torch.tensor(problem.dual_steps, dtype=torch.long),
         }
         if problem.buffer is not None:
             tensors.update({f"buffer.{k}": v for k, v in problem.buffer.state_dict().items()})
@@ -136,6 +137,7 @@ class ConstrainedState:
         problem.estimate_weights = t["estimate.weights"].to(device)
         problem.observed = t["estimate.observed"].to(device).bool()
         problem.ready = t["estimate.ready"].to(device).bool()
+        problem.dual_steps = int(t["dual_steps"]) if "dual_steps" in t else 0
         if problem.buffer is not None:
             problem.buffer.load_state_dict({k: t[f"buffer.{k}"] for k in ("values", "position", "count")})
         if dual_optimizer is not None and self.dual_optimizer is not None:

@@ -59,6 +59,7 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         self.group_estimate, self.estimate_weights = zeros, zeros.clone()
         self.observed = torch.zeros(self.num_groups, dtype=torch.bool, device=device)
         self.ready = self.observed.clone()
+        self.dual_steps = 0  # dual updates taken (the trainer counts them; reports and checkpoints keep them)
 
     @torch.no_grad()
     def observe(self, group_ids: torch.Tensor, correct: torch.Tensor, losses: torch.Tensor) -> None:

@@ -55,7 +55,9 @@ def load_styled_digits_dataset(
     if copies < 1:
         raise ValueError(f"copies={copies} must be >= 1 (augmented rows per source image).")
     if not 0.0 < inverted_fraction < 0.5:
-        raise ValueError(f"inverted_fraction={inverted_fraction} must lie in (0, 0.5): the inverted style is rare.")
+        raise ValueError(
+            f"inverted_fraction={inverted_fraction} must lie in (0, 0.5): the inverted style is rare."
+        )
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size={test_size} must lie in (0, 1).")
     digits = load_digits()
@@ -102,15 +104,18 @@ def augment(images: torch.Tensor, image_size: int, generator: torch.Generator) -
     shear, shift = uniform(-0.2, 0.2), uniform(-0.1, 0.1, 2)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
-        [torch.stack([cos, -sin + shear * cos, shift[:, 0]], 1), torch.stack([sin, cos + shear * sin, shift[:, 1]], 1)],
+        [
+            torch.stack([cos, -sin + shear * cos, shift[:, 0]], 1),
+            torch.stack([sin, cos + shear * sin, shift[:, 1]], 1),
+        ],
         dim=1,
     )
     grid = F.affine_grid(theta, list(work.shape), align_corners=False)
     # Elastic: a random displacement field drawn on a coarse 4×4 grid and smoothly upsampled.
     coarse = uniform(-1.0, 1.0, 2, 4, 4) * 0.08
-    grid = grid + F.interpolate(coarse, size=(_WORK_SIZE, _WORK_SIZE), mode="bicubic", align_corners=False).permute(
-        0, 2, 3, 1
-    )
+    grid = grid + F.interpolate(
+        coarse, size=(_WORK_SIZE, _WORK_SIZE), mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1)
     work = F.grid_sample(work, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     thick = uniform(0.0, 1.0) < 0.3
     work = torch.where(thick.view(-1, 1, 1, 1), F.max_pool2d(work, 3, stride=1, padding=1), work)

@@ -114,8 +114,20 @@ QUICK = {
     "default_seeds": [0],
     "default_threads": [1],
     # the README's command in miniature: the small digits, a few epochs
-    "default_flags": ["--digits_variant", "imbalanced", "--num_train_epochs", "3", "--pruning_end_epoch", "1",
-                      "--dense_epochs", "4", "--target_sparsity", "0.9", "--buffer_size", "8"],
+    "default_flags": [
+        "--digits_variant",
+        "imbalanced",
+        "--num_train_epochs",
+        "3",
+        "--pruning_end_epoch",
+        "1",
+        "--dense_epochs",
+        "4",
+        "--target_sparsity",
+        "0.9",
+        "--buffer_size",
+        "8",
+    ],
 }
 
 
@@ -273,7 +285,9 @@ def default_summary_table(rows: list[dict]) -> str:
     for threads in dict.fromkeys(r["threads"] for r in rows):
         group = [r for r in rows if r["threads"] == threads]
         claims = [default_claims(r) for r in group]
-        counts = [sum(c[key] for c in claims) for key in ("nft_over_2eps", "ceag_within_eps", "accuracy_within_1pt")]
+        counts = [
+            sum(c[key] for c in claims) for key in ("nft_over_2eps", "ceag_within_eps", "accuracy_within_1pt")
+        ]
         cells = [
             _cell([r[m][key] for r in group], 3, signed=key != "test_accuracy")
             for key in ("train_max", "test_max", "test_accuracy")
@@ -281,8 +295,11 @@ def default_summary_table(rows: list[dict]) -> str:
         ]
         counts.append(sum(all(c.values()) for c in claims))
         lines.append(
-            f"| {threads} | {len(group)} | " + " | ".join(cells) + " | "
-            + " | ".join(f"{n}/{len(group)}" for n in counts) + " |"
+            f"| {threads} | {len(group)} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(f"{n}/{len(group)}" for n in counts)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -391,6 +408,8 @@ def _run_row(variant: str, seed: int, sparsity: float, method: str, report: dict
         "violated_fraction": train["violated_groups"] / max(judged, 1),
         "seconds": report["train_seconds"],
         "min_test_n": min(g["n"] for g in test["groups"]),
+        "max_multiplier": max(report["multipliers"].values(), default=0.0),
+        "dual_steps": report["dual_steps"],
     }
 
 
@@ -413,9 +432,9 @@ def method_table(runs: list[dict]) -> str:
     lines = [
         (
             "| variant | sparsity | method | test accuracy | train max ψ_g | test max ψ_g | train spread "
-            "| train groups over ε | train max ψ_g ≤ ε | wall time (s) |"
+            "| train groups over ε | train max ψ_g ≤ ε | final max λ_g | wall time (s) |"
         ),
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, sparsity in _settings_of(runs):
         for method in dict.fromkeys(r["method"] for r in runs):
@@ -430,6 +449,7 @@ def method_table(runs: list[dict]) -> str:
                 _cell([r["train_spread"] for r in rows], 3),
                 _cell([r["violated_fraction"] for r in rows], 2),
                 f"{held}/{len(rows)}",
+                _cell([r["max_multiplier"] for r in rows], 2),
                 _cell([r["seconds"] for r in rows], 1),
             ]
             lines.append(f"| {variant} | {sparsity:.0%} | {METHODS[method][0]} | " + " | ".join(cells) + " |")
@@ -1075,8 +1095,10 @@ def document(settings, argv, defaults, runs, over, scaling, fairgrape, peaks, se
         "are fractions (0.01 = one point); ψ_g = (dense_g − sparse_g) − (dense − sparse); mean ± std over seeds."
     )
     columns = (
-        "Spread = max ψ_g − min ψ_g on train; groups over ε = fraction of train groups with ψ_g > ε; wall time = "
-        "`trainer.train()` (dense-reference pass, pruning and fine-tuning; FairGRAPE includes its scoring)."
+        "Spread = max ψ_g − min ψ_g on train; groups over ε = fraction of train groups with ψ_g > ε; final max λ_g "
+        "= the largest Lagrange multiplier when training ended (0 without constraints; one that is still large "
+        "means a constraint the run could not meet); wall time = `trainer.train()` (dense-reference pass, "
+        "pruning and fine-tuning; FairGRAPE includes its scoring)."
     )
     targets = "Targets: CEAG/NFT ≤ 1.05, NFT/plain ≤ 1.02, 10,000/10 groups ≤ 1.10 (step-time ratios)."
     sections = [

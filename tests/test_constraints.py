@@ -46,7 +46,9 @@ def test_multipliers_rise_for_violated_groups_stay_nonnegative_and_wait_for_full
 
 @pytest.mark.parametrize("overall_gradient", [False, True], ids=["default_proxy", "paper_proxy"])
 def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates(overall_gradient):
-    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient)
+    problem = ExcessAccuracyGapProblem(
+        reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient
+    )
     with torch.no_grad():
         problem.multiplier.weight.copy_(torch.tensor([[0.2], [0.0], [0.7]]))
     losses = torch.tensor([0.1, 0.5, 0.9, 1.3], requires_grad=True)
@@ -65,7 +67,9 @@ def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates(overall_gra
 def test_primal_step_never_raises_a_groups_loss_with_the_default_proxy(overall_gradient):
     """Once the multipliers sum past 1, the paper's proxy gives the samples of a group with λ_g = 0 a negative
     weight in the primal gradient (the step raises their loss); the default proxy keeps every weight > 0."""
-    problem = ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient)
+    problem = ExcessAccuracyGapProblem(
+        reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient
+    )
     torch.manual_seed(0)
     for _ in range(20):
         lam = torch.rand(3, 1) * 3
@@ -74,7 +78,9 @@ def test_primal_step_never_raises_a_groups_loss_with_the_default_proxy(overall_g
             problem.multiplier.weight.copy_(lam)
         losses = torch.rand(12, requires_grad=True)
         ids = torch.arange(12) % 3
-        problem.compute_cmp_state(losses, ids, update_duals=False).compute_primal_lagrangian().lagrangian.backward()
+        problem.compute_cmp_state(
+            losses, ids, update_duals=False
+        ).compute_primal_lagrangian().lagrangian.backward()
         if overall_gradient and lam.sum() > 1:
             assert (losses.grad[lam.flatten()[ids] == 0] < 0).all()
         if not overall_gradient:

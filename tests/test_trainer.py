@@ -50,6 +50,9 @@ def test_trains_prunes_logs_and_saves_reference(tiny_model, digits, make_config)
 
     report = trainer.group_report()
     assert set(report["splits"]) == {"train", "test"}
+    # one dual step per optimizer step once pruning has ended (every buffer is full by then)
+    assert report["dual_steps"] == config.max_steps - trainer.schedule.end > 0
+    assert list(report["multipliers"].values()) == trainer.problem.multipliers_tensor().tolist()
     train = report["splits"]["train"]
     assert [g["n"] for g in train["groups"]] == expected_counts
     assert [g["accuracy_dense"] for g in train["groups"]] == pytest.approx(expected_acc)
