@@ -6,7 +6,7 @@ CEAG ("Balancing Act: Constraining Disparate Impact in Sparse Models", ICLR 2024
 from pathlib import Path
 
 from .ceag_config import CEAGConfig
-from .ceag_trainer import CEAGTrainer
+from .ceag_trainer import CEAGTrainer, NonFiniteGuard
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem
 from .data import image_processor, load_digits_dataset, load_image_dataset
 from .face_datasets import load_cifar100, load_fairface, load_utkface
@@ -35,6 +35,7 @@ __all__ = [
     "ExcessAccuracyGapProblem",
     "GroupIndex",
     "MagnitudePruner",
+    "NonFiniteGuard",
     "ReplayBuffer",
     "build_classifier",
     "excess_gaps",

@@ -58,6 +58,24 @@ class _PruningCallback(TrainerCallback):
         self.trainer._undo_dual_step_if_skipped()
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Stops training with a clear error when a logged loss or gradient norm is not finite, before anything is
+    saved: a broken model must not be published. Read at logging steps only, where the values are already on
+    the host. Under fp16 the loss scaler skips the steps whose gradients overflow, so only the losses count.
+    (The Trainer replaces a non-finite `loss` by the running mean unless `logging_nan_inf_filter=False`;
+    `CEAGTrainer` also logs `ce_loss` unfiltered.)"""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        keys = ("loss", "ce_loss") if args.fp16 else ("loss", "ce_loss", "grad_norm")
+        bad = {k: logs[k] for k in keys if isinstance((logs or {}).get(k), float) and not math.isfinite(logs[k])}
+        if bad:
+            raise FloatingPointError(
+                f"Training stopped: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step "
+                f"{state.global_step} (epoch {state.epoch or 0:.2f}); the model is broken and was not saved. Lower "
+                "learning_rate, keep max_grad_norm > 0, or train in fp32 (without bf16/fp16) on this machine."
+            )
+
+
 class CEAGTrainer(Trainer):
     """Drop-in replacement for `transformers.Trainer` that prunes and fine-tunes under group constraints.
 
@@ -115,6 +133,7 @@ class CEAGTrainer(Trainer):
         self.reproduce_command = ""
         self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
         self.add_callback(_PruningCallback(self))
+        self.add_callback(NonFiniteGuard())
 
     # ---- datasets ----
 
@@ -223,6 +242,13 @@ class CEAGTrainer(Trainer):
             raise ValueError(
                 f"pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} steps) is after the end of training "
                 f"({total} steps, {per_epoch} per epoch): lower pruning_end_epoch or train longer."
+            )
+        if args.mitigation != "none" and not args.mitigate_during_pruning and end >= total:
+            raise ValueError(
+                f"mitigation={args.mitigation!r} with pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} "
+                f"steps) at the end of training ({total} steps): the constraints would never be on, and the run "
+                "would be NFT under another name. Lower pruning_end_epoch, train longer, or set "
+                "mitigate_during_pruning=True."
             )
         return CubicSchedule(args.initial_sparsity, args.target_sparsity, start, end, args.pruning_frequency)
 
@@ -426,7 +452,10 @@ class CEAGTrainer(Trainer):
         """Add the constraint metrics averaged since the last training log, and the measured sparsity."""
         if "loss" in logs and self._metrics:
             for key, values in self._metrics.items():
-                finite = [v for v in torch.stack(values).tolist() if math.isfinite(v)]
+                values = torch.stack(values).tolist()
+                # -inf stands for "no estimate yet" in the gap estimates; a non-finite cross-entropy is a broken
+                # step, which NonFiniteGuard must see (the Trainer's own `loss` hides it: logging_nan_inf_filter)
+                finite = values if key == "ce_loss" else [v for v in values if math.isfinite(v)]
                 if finite:
                     logs[key] = sum(finite) / len(finite)
             logs["sparsity"] = self.pruner.sparsity()

@@ -39,14 +39,7 @@ def build_classifier(
             name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, use_safetensors=True
         )
     if name_or_path in timm.list_models():
-        config = TimmWrapperConfig(
-            architecture=name_or_path,
-            num_labels=num_labels,
-            id2label=id2label,
-            label2id=label2id,
-            model_args={"in_chans": channels},
-        )
-        return TimmWrapperForImageClassification(config)
+        return _timm_classifier(name_or_path, num_labels, id2label, label2id, channels, image_size)
     try:
         config = AutoConfig.for_model(
             name_or_path,
@@ -62,6 +55,20 @@ def build_classifier(
             "model type. Use e.g. 'resnet18' (timm), 'resnet' (transformers) or a save_pretrained folder."
         ) from error
     return AutoModelForImageClassification.from_config(config)
+
+
+def _timm_classifier(name, num_labels, id2label, label2id, channels, image_size):
+    # Architectures with a fixed input size (ViT, Swin, ...) take img_size; convolutional ones refuse it.
+    for model_args in ({"in_chans": channels, "img_size": image_size}, {"in_chans": channels}):
+        config = TimmWrapperConfig(
+            architecture=name, num_labels=num_labels, id2label=id2label, label2id=label2id, model_args=model_args
+        )
+        try:
+            return TimmWrapperForImageClassification(config)
+        except TypeError as error:
+            if "img_size" not in str(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperForImageClassification:

@@ -30,6 +30,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 from hf_ceag import (
     CEAGConfig,
     CEAGTrainer,
+    NonFiniteGuard,
     build_classifier,
     format_report,
     image_processor,
@@ -68,6 +69,7 @@ RECIPE_DEFAULTS = {
     "eval_strategy": "no",
     "report_to": "none",
     "remove_unused_columns": False,
+    "logging_nan_inf_filter": False,  # a NaN loss is logged as NaN, and NonFiniteGuard stops the run
     "seed": 0,
     "mitigation": "none",  # unused here: --methods picks the mitigation of each run
 }
@@ -230,7 +232,7 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
-    trainer = Trainer(model=model, args=dense_args, train_dataset=train)
+    trainer = Trainer(model=model, args=dense_args, train_dataset=train, callbacks=[NonFiniteGuard()])
     trainer.train()
     trainer.save_model(dense_dir)
     if trainer.is_world_process_zero():
@@ -247,6 +249,8 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
     report.json, the model card README.md with its plot, and run_config.json."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
     args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
+    if args.process_index == 0:
+        print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
     model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
     trainer = CEAGTrainer(
@@ -301,27 +305,95 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[S
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 
+def _has_accelerator() -> bool:
+    return getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
+
+
 def _use_cpu_processes_if_no_accelerator() -> None:
     # torchrun / accelerate launch start several processes; without a GPU, accelerate only forms a CPU (gloo)
     # process group when told to use the CPU.
-    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def _set_machine_defaults(parser: HfArgumentParser) -> None:
+    # Without a GPU: bf16 autocast on the CPU needs use_cpu, and there is no device memory to pin for.
+    if not _has_accelerator():
+        parser.set_defaults(use_cpu=True, dataloader_pin_memory=False)
+
+
+def _given(argv: list[str] | None) -> set[str]:
+    """Names of the fields set on the command line or in its config file (not left at the script's default)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
+    if args and args[0].endswith((".json", ".yaml", ".yml")):
+        with open(args[0]) as f:
+            names |= set(json.load(f) if args[0].endswith(".json") else yaml.safe_load(f))
+    return names
+
+
+def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]) -> list[str]:
+    """The mitigations to run: `--methods`, or `--mitigation` alone; refuses what this script cannot honour,
+    before any data is loaded or model trained."""
+    if config.resume_from_checkpoint or config.resume_from_checkpoint is True:
+        raise ValueError(
+            f"--resume_from_checkpoint={config.resume_from_checkpoint!r}: run_ceag.py trains the dense model and "
+            "each method into its own folder and does not resume. Resume one run from Python with "
+            "CEAGTrainer(...).train(resume_from_checkpoint=...), or rerun without this flag."
+        )
+    methods = script.methods
+    if "mitigation" in given:
+        if "methods" in given and script.methods != [config.mitigation]:
+            raise ValueError(
+                f"--mitigation {config.mitigation} and --methods {' '.join(script.methods)} disagree: this script "
+                "runs --methods (one output folder each); pass one of the two."
+            )
+        methods = [config.mitigation]
+    if config.pruning_method == "fairgrape" and methods != ["none"]:
+        print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods none).")
+        methods = ["none"]
+    for method in methods:  # each method's own config validates now, not after dense training
+        dataclasses.replace(config, mitigation=method)
+        if method != "none" and not config.mitigate_during_pruning and config.max_steps <= 0:
+            if config.resolved_pruning_end_epoch >= config.num_train_epochs:
+                raise ValueError(
+                    f"--methods {method}: pruning_end_epoch={config.resolved_pruning_end_epoch:g} is not before "
+                    f"num_train_epochs={config.num_train_epochs:g}, so the constraints would never be on. Lower "
+                    "--pruning_end_epoch, raise --num_train_epochs, or set --mitigate_during_pruning true."
+                )
+    return methods
+
+
+def _keep_global_batch(config: CEAGConfig, given: set[str]) -> CEAGConfig:
+    # The recipe's batch is the global one: with several processes, each takes its share, so that the optimizer
+    # sees the same steps as on one process (a flag given by the user is kept as it is).
+    world = config.world_size
+    if world <= 1 or "per_device_train_batch_size" in given:
+        return config
+    batch = config.per_device_train_batch_size
+    if batch % world:
+        raise ValueError(
+            f"per_device_train_batch_size={batch} (the recipe's global batch) does not split over {world} "
+            "processes: pass --per_device_train_batch_size for each process."
+        )
+    if config.process_index == 0:
+        print(f"{world} processes: {batch // world} samples each per step, the recipe's global batch of {batch}.")
+    return dataclasses.replace(config, per_device_train_batch_size=batch // world)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     _use_cpu_processes_if_no_accelerator()
     parser = HfArgumentParser((ScriptArguments, CEAGConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
+    _set_machine_defaults(parser)
     script, config = parse_arguments(parser, argv)
+    given = _given(argv)
+    methods = resolve_methods(script, config, given)
+    config = _keep_global_batch(config, given)
     start = time.time()
     data, channels = load_data(script, config)
     dense_dir = dense_model(script, config, data, channels)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
-    methods = script.methods
-    if config.pruning_method == "fairgrape" and methods != ["none"]:
-        print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods none).")
-        methods = ["none"]
     reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}
     if config.process_index == 0:
         for name, report in reports.items():
@@ -340,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         print(
             f"Total time {time.time() - start:.0f} s on {config.world_size} process(es). Outputs in {config.output_dir}"
         )
-        print(json.dumps({name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}))
+        gaps = {name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}
+        print(f"Train max excess accuracy gap per method (JSON): {json.dumps(gaps)}")
     return reports
 
 

@@ -1,0 +1,119 @@
+"""Mistakes a new user makes, each refused early with an error that names the problem and the fix — or, where
+the mistake used to pass silently, handled as the user meant. Add a row for every new mistake found."""
+
+import os
+
+import pytest
+import torch
+
+run_ceag = pytest.importorskip("scripts.run_ceag")
+
+FAST = [
+    "--digits_variant",
+    "imbalanced",
+    "--dense_epochs",
+    "1",
+    "--num_train_epochs",
+    "2",
+    "--disable_tqdm",
+    "true",
+]
+
+# (flags of scripts/run_ceag.py, words the error must contain); each fails before any data is loaded or model
+# trained, so nothing is written
+CLI_MISTAKES = [
+    (["--resume_from_checkpoint", "does/not/exist"], ["--resume_from_checkpoint", "does not resume"]),
+    (["--mitigation", "ceag", "--methods", "none"], ["--mitigation ceag", "--methods none", "disagree"]),
+    (["--methods", "ceag", "--pruning_end_epoch", "2"], ["pruning_end_epoch=2", "never be on"]),
+    (["--methods", "ceag", "--pruning_end_epoch", "3"], ["pruning_end_epoch=3", "never be on"]),
+    (["--methods", "bogus"], ["--methods", "bogus", "choose from"]),
+    (["--target_sparsity", "1.5"], ["target_sparsity=1.5", "0.9 for 90 %"]),
+    (["--tolerance", "-0.1"], ["tolerance=-0.1", "fraction >= 0"]),
+]
+
+
+@pytest.mark.parametrize(("flags", "words"), CLI_MISTAKES, ids=[" ".join(f) for f, _ in CLI_MISTAKES])
+def test_cli_mistakes_fail_early_with_a_clear_error(tmp_path, flags, words):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as error:
+        run_ceag.main(["--output_dir", str(out), *FAST, *flags])
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert not out.exists()  # refused before anything was written
+
+
+def test_mitigation_alone_is_honoured_as_the_method(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_ceag import CEAGConfig
+
+    parser = HfArgumentParser((run_ceag.ScriptArguments, CEAGConfig))
+    parser.set_defaults(**run_ceag.RECIPE_DEFAULTS)
+    argv = ["--output_dir", str(tmp_path), "--mitigation", "equalized_loss"]
+    script, config = parser.parse_args_into_dataclasses(args=argv)
+    assert script.methods == ["none", "ceag"]  # the default, which used to run instead
+    assert run_ceag.resolve_methods(script, config, run_ceag._given(argv)) == ["equalized_loss"]
+
+
+def test_several_processes_keep_the_recipes_global_batch(monkeypatch, tmp_path):
+    from hf_ceag import CEAGConfig
+
+    config = CEAGConfig(output_dir=str(tmp_path), per_device_train_batch_size=64, report_to="none")
+    monkeypatch.setattr(CEAGConfig, "world_size", property(lambda self: 2))
+    assert run_ceag._keep_global_batch(config, set()).per_device_train_batch_size == 32
+    given = {"per_device_train_batch_size"}  # a batch the user chose is theirs
+    assert run_ceag._keep_global_batch(config, given).per_device_train_batch_size == 64
+    monkeypatch.setattr(CEAGConfig, "world_size", property(lambda self: 3))
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        run_ceag._keep_global_batch(config, set())
+
+
+def test_trainer_refuses_a_run_without_a_constrained_phase(tiny_model, digits, make_config):
+    from hf_ceag import CEAGTrainer
+
+    steps_per_epoch = -(-len(digits["train"]) // 32)
+    config = make_config(mitigation="ceag", pruning_end_epoch=12 / steps_per_epoch)  # ends at step 12 of 12
+    with pytest.raises(ValueError, match="would never be on"):
+        CEAGTrainer(tiny_model, config, train_dataset=digits["train"]).train()
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_model, digits, make_config):
+    from hf_ceag import CEAGTrainer
+
+    config = make_config(mitigation="ceag", logging_steps=2)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    steps = []
+    tiny_model.register_forward_hook(lambda module, args, output: steps.append(1) or _poison(output, len(steps)))
+    with pytest.raises(FloatingPointError, match="non-finite ce_loss=nan"):
+        trainer.train()
+    assert not os.path.exists(os.path.join(config.output_dir, "model.safetensors"))
+
+
+def _poison(output, calls):
+    # From the fourth forward pass on, the logits are NaN (as an overflowing half-precision run would give).
+    if calls > 4 and getattr(output, "logits", None) is not None:
+        output.logits = output.logits * torch.tensor(float("nan"))
+    return output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the defaults set on a machine without a GPU")
+def test_on_a_cpu_machine_the_script_sets_what_bf16_and_the_dataloader_need(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_ceag import CEAGConfig
+
+    parser = HfArgumentParser((run_ceag.ScriptArguments, CEAGConfig))
+    parser.set_defaults(**run_ceag.RECIPE_DEFAULTS)
+    run_ceag._set_machine_defaults(parser)
+    _, config = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--bf16", "true"])
+    assert config.use_cpu and not config.dataloader_pin_memory  # parsing no longer fails on use_cpu
+
+
+def test_build_classifier_sizes_a_timm_vit_to_the_images():
+    """`image_size` used to be ignored for timm models: a ViT built for 32-px images failed its first forward."""
+    from hf_ceag import build_classifier
+
+    vit = build_classifier("vit_tiny_patch16_224", num_labels=3, channels=1, image_size=32)
+    assert vit(pixel_values=torch.randn(2, 1, 32, 32)).logits.shape == (2, 3)
+    resnet = build_classifier("test_resnet", num_labels=3, channels=1, image_size=32)  # takes any size
+    assert resnet(pixel_values=torch.randn(2, 1, 32, 32)).logits.shape == (2, 3)
