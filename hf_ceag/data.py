@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .groups import check_group_columns
+
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # approximate moments of load_digits pixels scaled to [0, 1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -139,8 +141,11 @@ def load_image_dataset(
         loaded = loaded.class_encode_column("label")  # class names (strings, bools) → ClassLabel ids
     if "test" not in loaded:
         train = loaded["train"]
-        stratify = group_columns[0] if isinstance(train.features[group_columns[0]], datasets.ClassLabel) else None
-        loaded = train.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
+        check_group_columns(train, group_columns, "train")  # NaN groups would become a group of their own
+        if not isinstance(train.features[group_columns[0]], datasets.ClassLabel):
+            # the split is stratified by the first group column: strings become a ClassLabel with the same names
+            train = train.class_encode_column(group_columns[0])
+        loaded = train.train_test_split(test_size=test_size, seed=seed, stratify_by_column=group_columns[0])
     loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
     loaded.set_transform(_image_transform(image_column, image_size, channels))
     return loaded

@@ -40,10 +40,10 @@ def check_group_columns(dataset: datasets.Dataset, columns: Sequence[str], split
                 f"e.g. --group_columns {available[-1] if available else '<column>'}."
             )
         values = _column_values(dataset, column)
-        nulls = sum(v is None for v in values)
+        nulls = sum(v is None or (isinstance(v, float) and v != v) for v in values)  # v != v: NaN
         if nulls:
             raise ValueError(
-                f"group_columns: column {column!r} of the {split} dataset has {nulls} null value(s). "
+                f"group_columns: column {column!r} of the {split} dataset has {nulls} null or NaN value(s). "
                 "Every row needs a group: fill or drop those rows (e.g. dataset.filter(...)) before training."
             )
 

@@ -38,6 +38,7 @@ from hf_ceag import (
     load_image_dataset,
     load_styled_digits_dataset,
 )
+from hf_ceag.groups import check_group_columns
 from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.cifar_resnet)
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
@@ -392,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     config = _keep_global_batch(config, given)
     start = time.time()
     data, channels = load_data(script, config)
+    for split, dataset in data.items():  # a misspelt or incomplete group column fails here, not after training
+        check_group_columns(dataset, config.group_columns, split)
     dense_dir = dense_model(script, config, data, channels)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
     reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}

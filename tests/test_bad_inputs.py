@@ -8,16 +8,8 @@ import torch
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 
-FAST = [
-    "--digits_variant",
-    "imbalanced",
-    "--dense_epochs",
-    "1",
-    "--num_train_epochs",
-    "2",
-    "--disable_tqdm",
-    "true",
-]
+FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_epochs", "2", "--pruning_end_epoch", "1",
+        "--disable_tqdm", "true"]  # fmt: skip
 
 # (flags of scripts/run_ceag.py, words the error must contain); each fails before any data is loaded or model
 # trained, so nothing is written
@@ -29,6 +21,7 @@ CLI_MISTAKES = [
     (["--methods", "bogus"], ["--methods", "bogus", "choose from"]),
     (["--target_sparsity", "1.5"], ["target_sparsity=1.5", "0.9 for 90 %"]),
     (["--tolerance", "-0.1"], ["tolerance=-0.1", "fraction >= 0"]),
+    (["--group_columns", "grup"], ["'grup' is not in the train dataset", "'group'"]),
 ]
 
 
@@ -117,3 +110,42 @@ def test_build_classifier_sizes_a_timm_vit_to_the_images():
     assert vit(pixel_values=torch.randn(2, 1, 32, 32)).logits.shape == (2, 3)
     resnet = build_classifier("test_resnet", num_labels=3, channels=1, image_size=32)  # takes any size
     assert resnet(pixel_values=torch.randn(2, 1, 32, 32)).logits.shape == (2, 3)
+
+
+def test_nan_group_values_are_refused_naming_the_column():
+    import datasets
+
+    from hf_ceag import GroupIndex
+
+    data = datasets.Dataset.from_dict({"label": [0, 1, 0], "age": [1.0, float("nan"), 2.0]})
+    with pytest.raises(ValueError, match="'age' of the train dataset has 1 null or NaN value"):
+        GroupIndex.from_dataset(data, ["age"])
+
+
+def test_a_string_group_column_is_split_stratified(tmp_path):
+    """Without a test split, the split is stratified by the first group column, strings included (it used to
+    be random, and a rare group could miss the test split: `test +nan`)."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_user_data import make_images
+
+    from hf_ceag import load_image_dataset
+
+    rows = make_images(tmp_path / "images", n=48)
+    for i, row in enumerate(rows):
+        row["tone"] = "rare" if i % 6 == 0 else "common"  # 8 of 48
+    with open(tmp_path / "images" / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "tone", "label_name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    data = load_image_dataset(
+        "imagefolder", ["tone"], label_column="label_name", data_dir=str(tmp_path / "images"), image_size=8,
+        test_size=0.25,
+    )  # fmt: skip
+    test = data["test"]
+    names = test.features["tone"].names
+    assert sorted(names) == ["common", "rare"]
+    assert sum(names[t] == "rare" for t in test.with_format(None)["tone"]) == 2  # a quarter of 8
