@@ -170,7 +170,7 @@ def test_a_given_dense_reference_is_used_and_checked(tiny_model, digits, make_co
     reference = DenseReference([str(d) for d in range(10)], [1] * 10, [0.5] * 10, [1.0] * 10)
     trainer = CEAGTrainer(
         tiny_model,
-        make_config(max_steps=2, pruning_end_epoch=0.05),
+        make_config(max_steps=3, pruning_end_epoch=0.05),
         train_dataset=digits["train"],
         dense_reference=reference,
     )
