@@ -141,11 +141,16 @@ def load_image_dataset(
         loaded = loaded.class_encode_column("label")  # class names (strings, bools) → ClassLabel ids
     if "test" not in loaded:
         train = loaded["train"]
+        from sklearn.model_selection import train_test_split
+
         check_group_columns(train, group_columns, "train")  # NaN groups would become a group of their own
-        if not isinstance(train.features[group_columns[0]], datasets.ClassLabel):
-            # the split is stratified by the first group column: strings become a ClassLabel with the same names
-            train = train.class_encode_column(group_columns[0])
-        loaded = train.train_test_split(test_size=test_size, seed=seed, stratify_by_column=group_columns[0])
+        # Stratified by the first group column, whatever its type (strings included), so that every group
+        # keeps its share in both splits.
+        groups = train.with_format(None)[group_columns[0]]
+        train_idx, test_idx = train_test_split(
+            np.arange(len(train)), test_size=test_size, random_state=seed, stratify=groups
+        )
+        loaded = {"train": train.select(np.sort(train_idx)), "test": train.select(np.sort(test_idx))}
     loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
     loaded.set_transform(_image_transform(image_column, image_size, channels))
     return loaded

@@ -145,7 +145,5 @@ def test_a_string_group_column_is_split_stratified(tmp_path):
         "imagefolder", ["tone"], label_column="label_name", data_dir=str(tmp_path / "images"), image_size=8,
         test_size=0.25,
     )  # fmt: skip
-    test = data["test"]
-    names = test.features["tone"].names
-    assert sorted(names) == ["common", "rare"]
-    assert sum(names[t] == "rare" for t in test.with_format(None)["tone"]) == 2  # a quarter of 8
+    tones = data["test"].with_format(None)["tone"]
+    assert tones.count("rare") == 2  # a quarter of 8, and the column keeps its strings
