@@ -419,6 +419,11 @@ def _cell(values: list[float], digits: int, signed: bool = False) -> str:
     return text if len(values) < 2 else f"{text} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _percent(fraction: float) -> str:
+    # 0.975 is "97.5%", not "98%"
+    return f"{100 * fraction:g}%"
+
+
 def _settings_of(runs: list[dict]) -> list[tuple[str, float]]:
     return list(dict.fromkeys((r["variant"], r["sparsity"]) for r in runs))
 
@@ -452,7 +457,9 @@ def method_table(runs: list[dict]) -> str:
                 _cell([r["max_multiplier"] for r in rows], 2),
                 _cell([r["seconds"] for r in rows], 1),
             ]
-            lines.append(f"| {variant} | {sparsity:.0%} | {METHODS[method][0]} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {variant} | {_percent(sparsity)} | {METHODS[method][0]} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -493,7 +500,7 @@ def _ceag_vs_nft(runs: list[dict], eps: float) -> list[str]:
     settings = [
         (v, s) for v, s in _settings_of(runs) if _select(runs, v, s, "ceag") and _select(runs, v, s, "nft")
     ]
-    name = {(v, s): f"{v} {s:.0%}" for v, s in settings}
+    name = {(v, s): f"{v} {_percent(s)}" for v, s in settings}
     no_train_gain = [name[c] for c in settings if mean(*c, "ceag", "train_max") >= mean(*c, "nft", "train_max")]
     missed = [name[c] for c in settings if mean(*c, "ceag", "train_max") > eps]
     no_test_gain = [name[c] for c in settings if mean(*c, "ceag", "test_max") >= mean(*c, "nft", "test_max")]
@@ -545,7 +552,8 @@ def _paper_proxy(runs: list[dict], settings: list[tuple[str, float]], mean) -> l
     if not settings:
         return []
     cells = [
-        f"{v} {s:.0%}: {mean(v, s, 'ceag-paper', 'test_accuracy'):.3f} vs {mean(v, s, 'ceag', 'test_accuracy'):.3f}"
+        f"{v} {_percent(s)}: {mean(v, s, 'ceag-paper', 'test_accuracy'):.3f} vs "
+        f"{mean(v, s, 'ceag', 'test_accuracy'):.3f}"
         for v, s in settings
     ]
     return [

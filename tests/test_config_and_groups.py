@@ -71,7 +71,7 @@ def test_missing_or_null_group_column_is_a_clear_error():
     with pytest.raises(ValueError, match=r"'rase' is not in the train dataset.*'race'"):
         GroupIndex.from_dataset(frame(), ["rase"])
     nulls = datasets.Dataset.from_dict({"race": ["a", None, "b"]})
-    with pytest.raises(ValueError, match="1 null value"):
+    with pytest.raises(ValueError, match="1 null or NaN value"):
         GroupIndex.from_dataset(nulls, ["race"])
 
 
