@@ -193,8 +193,10 @@ def _reusable_dense(dense_dir: str, wanted: dict) -> bool:
     # A dense model cached by an earlier run is reused only if that run's data, model and seed were these.
     if not os.path.isfile(os.path.join(dense_dir, "config.json")):
         return False
-    record = os.path.join(dense_dir, DENSE_RECORD)
-    made = json.load(open(record)) if os.path.isfile(record) else None
+    record, made = os.path.join(dense_dir, DENSE_RECORD), None
+    if os.path.isfile(record):
+        with open(record) as f:
+            made = json.load(f)
     if made != wanted:
         differ = sorted(k for k in wanted if made is None or made.get(k) != wanted[k])
         raise ValueError(
@@ -294,9 +296,8 @@ def reproduce_command(argv: list[str]) -> str:
 def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[ScriptArguments, CEAGConfig]:
     """Flags; or a .json/.yaml config file first, whose values become the defaults the flags after it override."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0].endswith((".json", ".yaml", ".yml")):
-        with open(args[0]) as f:
-            values = json.load(f) if args[0].endswith(".json") else yaml.safe_load(f)
+    values = _config_file_values(args)
+    if values is not None:
         known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -323,14 +324,19 @@ def _set_machine_defaults(parser: HfArgumentParser) -> None:
         parser.set_defaults(use_cpu=True, dataloader_pin_memory=False)
 
 
+def _config_file_values(args: list[str]) -> dict | None:
+    """The values of the .json/.yaml config file given first on the command line, if any."""
+    if not (args and args[0].endswith((".json", ".yaml", ".yml"))):
+        return None
+    with open(args[0]) as f:
+        return json.load(f) if args[0].endswith(".json") else yaml.safe_load(f)
+
+
 def _given(argv: list[str] | None) -> set[str]:
     """Names of the fields set on the command line or in its config file (not left at the script's default)."""
     args = sys.argv[1:] if argv is None else list(argv)
     names = {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
-    if args and args[0].endswith((".json", ".yaml", ".yml")):
-        with open(args[0]) as f:
-            names |= set(json.load(f) if args[0].endswith(".json") else yaml.safe_load(f))
-    return names
+    return names | set(_config_file_values(args) or {})
 
 
 def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]) -> list[str]:
@@ -355,13 +361,6 @@ def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]
         methods = ["none"]
     for method in methods:  # each method's own config validates now, not after dense training
         dataclasses.replace(config, mitigation=method)
-        if method != "none" and not config.mitigate_during_pruning and config.max_steps <= 0:
-            if config.resolved_pruning_end_epoch >= config.num_train_epochs:
-                raise ValueError(
-                    f"--methods {method}: pruning_end_epoch={config.resolved_pruning_end_epoch:g} is not before "
-                    f"num_train_epochs={config.num_train_epochs:g}, so the constraints would never be on. Lower "
-                    "--pruning_end_epoch, raise --num_train_epochs, or set --mitigate_during_pruning true."
-                )
     return methods
 
 

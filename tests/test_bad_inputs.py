@@ -16,8 +16,11 @@ FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_ep
 CLI_MISTAKES = [
     (["--resume_from_checkpoint", "does/not/exist"], ["--resume_from_checkpoint", "does not resume"]),
     (["--mitigation", "ceag", "--methods", "none"], ["--mitigation ceag", "--methods none", "disagree"]),
-    (["--methods", "ceag", "--pruning_end_epoch", "2"], ["pruning_end_epoch=2", "never be on"]),
-    (["--methods", "ceag", "--pruning_end_epoch", "3"], ["pruning_end_epoch=3", "never be on"]),
+    (
+        ["--methods", "ceag", "--pruning_end_epoch", "2"],
+        ["mitigation='ceag'", "pruning_end_epoch=2", "never be on"],
+    ),
+    (["--mitigation", "ceag", "--pruning_end_epoch", "3"], ["pruning_end_epoch=3", "never be on"]),
     (["--methods", "bogus"], ["--methods", "bogus", "choose from"]),
     (["--target_sparsity", "1.5"], ["target_sparsity=1.5", "0.9 for 90 %"]),
     (["--tolerance", "-0.1"], ["tolerance=-0.1", "fraction >= 0"]),
