@@ -113,6 +113,12 @@ class CEAGConfig(TrainingArguments):
             "intersectional groups."
         },
     )
+    # TrainingArguments' default (True) replaces a non-finite loss by the running mean, which hides a broken
+    # step from `NonFiniteGuard` and reads the loss back to the host on every step.
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Replace a NaN/inf training loss by the running mean in the logs (default off here)."},
+    )
 
     def __post_init__(self) -> None:
         self._validate_ceag_fields()

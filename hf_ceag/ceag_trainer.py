@@ -8,6 +8,11 @@ The Trainer's own loop runs unchanged. This class overrides only:
   their gradients are masked as autograd produces them, before clipping);
 * `train`: computes the dense reference and the step schedule before the first step;
 * `log`: adds the constraint metrics accumulated since the last log.
+
+A training step never reads a value back to the host (no `.item()`, no data-dependent shape): group counts,
+buffers, readiness and multipliers are fixed-shape tensors, and the metrics accumulate on the device and are
+read once per `logging_steps` (with one process; several processes gather each batch's estimates, which
+pads uneven batches). NFT keeps no estimates at all beyond its logs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import math
 import os
 import time
 import warnings
-from collections import defaultdict
 from typing import Any
 
 import datasets
@@ -31,7 +35,8 @@ from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
 from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
-from .groups import GROUP_ID_COLUMN, GroupIndex
+from .gaps import buffer_excess_gaps
+from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .model_card import build_model_card, violation_warning, write_model_folder_extras
 from .models import make_timm_loadable
 from .pruning import CubicSchedule, MagnitudePruner, fairgrape_round_steps, prunable_parameters
@@ -123,8 +128,9 @@ class CEAGTrainer(Trainer):
         self.problem: GroupConstrainedProblem | None = None
         self.dual_optimizer: torch.optim.Optimizer | None = None
         self.schedule: CubicSchedule | None = None
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._metrics: _StepMetrics | None = None
         self._multipliers_before_step: torch.Tensor | None = None
+        self._dual_step_moved: torch.Tensor | None = None
         self._step_group_counts: torch.Tensor | None = None
         self._evaluating_split: str | None = None
         self._allow_violated_constraints = False
@@ -188,6 +194,7 @@ class CEAGTrainer(Trainer):
                     self.dense_reference.save(self.args.output_dir)
         if self.problem is None or saved is not None:
             self.problem = self._build_problem(self.dense_reference)
+            self._metrics = None
             self.dual_optimizer = None
             if self.args.mitigation != "none":
                 self.dual_optimizer = torch.optim.SGD(
@@ -380,7 +387,8 @@ class CEAGTrainer(Trainer):
 
     def _constrained_loss(self, per_sample, logits, labels, group_ids) -> torch.Tensor:
         correct = logits.argmax(dim=-1) == labels
-        self.problem.observe(*self._gather(group_ids, correct, per_sample.detach()))
+        if self.args.mitigation != "none":  # NFT needs no estimates: its logs come from `_StepMetrics`
+            self.problem.observe(*self._gather(group_ids, correct, per_sample.detach()))
         counts, scale = self._step_group_counts, self.accelerator.num_processes
         loss = per_sample.sum() * scale / counts.sum()
         if self.constraints_active:
@@ -390,7 +398,9 @@ class CEAGTrainer(Trainer):
             if update_duals:
                 self._dual_step(state)
             loss = state.compute_primal_lagrangian().lagrangian
-        self._record_metrics(per_sample.detach().mean())
+        if self._metrics is None:
+            self._metrics = _StepMetrics(self.problem, self.args.mitigation != "none")
+        self._metrics.record(per_sample.detach(), correct, group_ids)
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -400,7 +410,7 @@ class CEAGTrainer(Trainer):
         if self.problem is not None:
             ids = [batch[GROUP_ID_COLUMN].reshape(-1) for batch in batch_samples if GROUP_ID_COLUMN in batch]
             ids = torch.cat(ids).to(self.args.device).long() if ids else torch.zeros(0, dtype=torch.long)
-            counts = torch.bincount(ids, minlength=self.problem.num_groups)
+            counts = group_counts(ids, self.problem.num_groups)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
             self._step_group_counts = counts
@@ -419,47 +429,30 @@ class CEAGTrainer(Trainer):
         if dual.lagrangian is None:
             return
         self._multipliers_before_step = self.problem.multiplier.weight.detach().clone()
+        self._dual_step_moved = (
+            self.problem.ready.any().long()
+        )  # no group ready: λ stays put, the step is not counted
         self.dual_optimizer.zero_grad(set_to_none=True)
         dual.lagrangian.backward()
         self.dual_optimizer.step()
         self.problem.multiplier.post_step_()
-        self.problem.dual_steps += 1
+        self.problem.dual_step_count += self._dual_step_moved
 
     def _undo_dual_step_if_skipped(self) -> None:
         before, self._multipliers_before_step = self._multipliers_before_step, None
         if before is not None and self.accelerator.optimizer_step_was_skipped:
             with torch.no_grad():
                 self.problem.multiplier.weight.copy_(before)
-            self.problem.dual_steps -= 1
+            self.problem.dual_step_count -= self._dual_step_moved
 
     # ---- logging ----
 
-    def _record_metrics(self, ce_loss: torch.Tensor) -> None:
-        gaps, ready = self.problem.estimated_gaps(), self.problem.ready
-        multipliers = self.problem.multipliers_tensor()
-        name = (
-            "max_excess_gap_estimate"
-            if isinstance(self.problem, ExcessAccuracyGapProblem)
-            else "max_loss_gap_estimate"
-        )
-        self._metrics["ce_loss"].append(ce_loss)
-        self._metrics[name].append(gaps.masked_fill(~ready, float("-inf")).max())
-        self._metrics["multiplier_mean"].append(multipliers.mean())
-        self._metrics["multiplier_max"].append(multipliers.max())
-        self._metrics["full_buffers"].append(ready.sum().float())
-
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the constraint metrics averaged since the last training log, and the measured sparsity."""
-        if "loss" in logs and self._metrics:
-            for key, values in self._metrics.items():
-                values = torch.stack(values).tolist()
-                # -inf stands for "no estimate yet" in the gap estimates; a non-finite cross-entropy is a broken
-                # step, which NonFiniteGuard must see (the Trainer's own `loss` hides it: logging_nan_inf_filter)
-                finite = values if key == "ce_loss" else [v for v in values if math.isfinite(v)]
-                if finite:
-                    logs[key] = sum(finite) / len(finite)
+        """Add the constraint metrics averaged since the last training log (one read from the device), and
+        the measured sparsity."""
+        if "loss" in logs and self._metrics is not None:
+            logs.update(self._metrics.flush(self.accelerator))
             logs["sparsity"] = self.pruner.sparsity()
-            self._metrics.clear()
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -638,6 +631,72 @@ class CEAGTrainer(Trainer):
             return super().push_to_hub(*args, **kwargs)
         finally:
             self._allow_violated_constraints = False
+
+
+class _StepMetrics:
+    """The training-log metrics, summed on the device step after step and read once per log (`flush`).
+
+    Every method: `ce_loss` (a NaN stays NaN, for `NonFiniteGuard`) and `max_excess_gap_window`, the largest
+    ψ_g of the model's training predictions since the last log (this process's batches, summed over processes
+    at the log). With constraints, also what the dual step sees: the largest estimated gap
+    (`max_excess_gap_estimate`, or `max_loss_gap_estimate` for EL) over the ready groups, `multiplier_mean`,
+    `multiplier_max` and `full_buffers`, averaged over the steps where they are defined."""
+
+    def __init__(self, problem: GroupConstrainedProblem, constrained: bool) -> None:
+        self.problem, self.constrained = problem, constrained
+        device = problem.multiplier.weight.device
+        self.gap_name = (
+            "max_excess_gap_estimate" if isinstance(problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
+        )
+        self.window = torch.zeros(2, problem.num_groups, device=device)  # [correct, seen] per group
+        self.sums = torch.zeros(5, device=device)  # ce_loss, gap estimate, multiplier mean/max, full buffers
+        self.counts = torch.zeros(5, device=device)
+
+    @torch.no_grad()
+    def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
+        rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
+        self.window.index_add_(1, group_ids.long(), rows)
+        ce = per_sample_loss.float().mean()
+        if not self.constrained:
+            self.sums[0] += ce
+            self.counts[0] += 1
+            return
+        problem = self.problem
+        multipliers = problem.multiplier.weight.detach()
+        values = torch.stack([
+            ce,
+            problem.estimated_gaps().masked_fill(~problem.ready, float("-inf")).max(),
+            multipliers.mean(),
+            multipliers.max(),
+            problem.ready.sum().float(),
+        ])  # fmt: skip
+        defined = torch.isfinite(values)
+        defined[0] = True  # a non-finite cross-entropy is a broken step: keep it
+        self.sums += torch.where(defined, values, 0.0)
+        self.counts += defined
+
+    def flush(self, accelerator) -> dict[str, float]:
+        window = self.window
+        if accelerator.num_processes > 1:
+            window = accelerator.reduce(window, reduction="sum")
+        reference = self.problem.reference
+        psi = buffer_excess_gaps(
+            reference["group_accuracy"],
+            window[0] / window[1].clamp(min=1),
+            reference["group_weights"],
+            window[1] > 0,
+        )
+        window_max = torch.where(window[1] > 0, psi, float("-inf")).max().reshape(1)
+        values = torch.cat([self.sums, self.counts, window_max]).tolist()  # the one read from the device
+        sums, counts, window_max = values[:5], values[5:10], values[10]
+        names = ["ce_loss", self.gap_name, "multiplier_mean", "multiplier_max", "full_buffers"]
+        logs = {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
+        if math.isfinite(window_max):
+            logs["max_excess_gap_window"] = window_max
+        self.window.zero_()
+        self.sums.zero_()
+        self.counts.zero_()
+        return logs
 
 
 def _method_name(args: CEAGConfig) -> str:

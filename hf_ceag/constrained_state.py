@@ -55,7 +55,7 @@ class ConstrainedState:
             "estimate.weights": problem.estimate_weights,
             "estimate.observed": problem.observed.to(torch.uint8),
             "estimate.ready": problem.ready.to(torch.uint8),
-            "dual_steps": torch.tensor(problem.dual_steps, dtype=torch.long),
+            "dual_steps": problem.dual_step_count,
         }
         if problem.buffer is not None:
             tensors.update({f"buffer.{k}": v for k, v in problem.buffer.state_dict().items()})
@@ -132,12 +132,13 @@ class ConstrainedState:
         t = self.tensors
         device = problem.multiplier.weight.device
         with torch.no_grad():
-            problem.multiplier.weight.copy_(t["multiplier"].to(device))
+            # checkpoints written before the multiplier became dense hold it as [G, 1]
+            problem.multiplier.weight.copy_(t["multiplier"].to(device).reshape(problem.multiplier.weight.shape))
         problem.group_estimate = t["estimate.value"].to(device)
         problem.estimate_weights = t["estimate.weights"].to(device)
         problem.observed = t["estimate.observed"].to(device).bool()
         problem.ready = t["estimate.ready"].to(device).bool()
-        problem.dual_steps = int(t["dual_steps"]) if "dual_steps" in t else 0
+        problem.dual_step_count = (t["dual_steps"] if "dual_steps" in t else torch.tensor(0)).to(device)
         if problem.buffer is not None:
             problem.buffer.load_state_dict({k: t[f"buffer.{k}"] for k in ("values", "position", "count")})
         if dual_optimizer is not None and self.dual_optimizer is not None:

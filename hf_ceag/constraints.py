@@ -8,6 +8,9 @@
 
 Both keep, per group, an estimate built from *all* processes' samples (the trainer gathers them), so every
 process takes the same dual step. With `buffer_size = 0` the estimate is the last mini-batch's.
+
+Every tensor has a fixed shape `[num_groups]` whatever the batch holds: groups absent from a batch, or not yet
+ready, are masked (violation 0) rather than indexed out, so a step never reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -17,24 +20,16 @@ import abc
 import torch
 from cooper import CMPState, ConstrainedMinimizationProblem, Constraint, ConstraintState, ConstraintType
 from cooper.formulations import Lagrangian
-from cooper.multipliers import IndexedMultiplier
+from cooper.multipliers import DenseMultiplier
 
 from .gaps import buffer_excess_gaps, weighted_mean
+from .groups import group_counts, group_means
 from .reference import DenseReference
 from .replay_buffer import ReplayBuffer
 
 
-def group_means(
-    values: torch.Tensor, group_ids: torch.Tensor, num_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group mean of `values` (0 for absent groups) and per-group counts, without a loop over groups."""
-    counts = torch.bincount(group_ids, minlength=num_groups)
-    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group_ids, values)
-    return sums / counts.clamp(min=1).to(values.dtype), counts
-
-
 class GroupConstrainedProblem(ConstrainedMinimizationProblem):
-    """One constraint per group with a Cooper `IndexedMultiplier`; subclasses define the constraint.
+    """One constraint per group with a Cooper `DenseMultiplier`; subclasses define the constraint.
 
     `observe()` records a (gathered, detached) batch into the per-group estimates; `compute_cmp_state()`
     builds the Cooper state from the local, differentiable per-sample losses.
@@ -50,7 +45,7 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         self.num_groups = reference.num_groups
         self.reference = {k: v.to(device) for k, v in reference.tensors().items()}
         self.dense_loss = torch.tensor(reference.loss, dtype=torch.float32, device=device)
-        self.multiplier = IndexedMultiplier(num_constraints=self.num_groups, device=device)
+        self.multiplier = DenseMultiplier(num_constraints=self.num_groups, device=device)
         self.group_constraint = Constraint(
             self.constraint_type, formulation_type=Lagrangian, multiplier=self.multiplier
         )
@@ -59,7 +54,9 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         self.group_estimate, self.estimate_weights = zeros, zeros.clone()
         self.observed = torch.zeros(self.num_groups, dtype=torch.bool, device=device)
         self.ready = self.observed.clone()
-        self.dual_steps = 0  # dual updates taken (the trainer counts them; reports and checkpoints keep them)
+        # dual updates that moved a multiplier (the trainer counts them on the device; reports and checkpoints
+        # read them)
+        self.dual_step_count = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
     def observe(self, group_ids: torch.Tensor, correct: torch.Tensor, losses: torch.Tensor) -> None:
@@ -101,8 +98,8 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         scale: float = 1.0,
         update_duals: bool = True,
     ) -> CMPState:
-        """Cooper state: `violation` (differentiable surrogates) for the groups in the step's batch,
-        `strict_violation` for the groups whose estimates are ready (only those take a dual step).
+        """Cooper state: `violation` (differentiable surrogates, 0 for the groups absent from the step's batch),
+        `strict_violation` (0 for the groups whose estimates are not ready: only the others' λ_g move).
 
         `per_sample_loss` may be one slice (a micro-batch, one process's share) of the optimizer step's batch.
         Sums are then normalised by `step_group_counts` — the per-group counts of the *whole* step's batch,
@@ -112,21 +109,25 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         """
         group_ids = group_ids.long()
         if step_group_counts is None:
-            step_group_counts = torch.bincount(group_ids, minlength=self.num_groups)
+            step_group_counts = group_counts(group_ids, self.num_groups)
         total = step_group_counts.sum().clamp(min=1)
         loss = per_sample_loss.sum() * scale / total
         sums = torch.zeros(self.num_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
         group_loss = sums.index_add(0, group_ids, per_sample_loss) * scale / step_group_counts.clamp(min=1)
-        present = torch.nonzero(step_group_counts > 0).flatten()
-        ready = torch.nonzero(self.ready).flatten()
+        # Absent groups have no surrogate, groups not ready no estimate: their violations are 0, so λ_g · 0
+        # adds nothing to the primal step and the dual step leaves λ_g where it is (plain SGD ascent).
+        present = step_group_counts > 0
         state = ConstraintState(
-            violation=self.surrogate_violations(group_loss, loss)[present],
-            constraint_features=present,
-            strict_violation=self.strict_violations()[ready],
-            strict_constraint_features=ready,
-            contributes_to_dual_update=update_duals and ready.numel() > 0,
+            violation=torch.where(present, self.surrogate_violations(group_loss, loss), 0.0),
+            strict_violation=torch.where(self.ready, self.strict_violations(), 0.0),
+            contributes_to_dual_update=update_duals,
         )
         return CMPState(loss=loss, observed_constraints={self.group_constraint: state})
+
+    @property
+    def dual_steps(self) -> int:
+        """Dual updates taken so far in which at least one estimate was ready (reads the device counter)."""
+        return int(self.dual_step_count)
 
     def multipliers_tensor(self) -> torch.Tensor:
         """Current λ, `[G]` (a detached copy)."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .constraints import group_means
+from .groups import group_means
 
 
 def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,11 +199,71 @@ def _next_unkept(row: torch.Tensor, kept: torch.Tensor, start: int, take: int) -
         window *= 2
 
 
+def greedy_select_layers(
+    layers: Sequence[torch.Tensor], keeps: Sequence[int], shares: Sequence[torch.Tensor], chunks: Sequence[int]
+) -> list[torch.Tensor]:
+    """`greedy_select` for several layers at once, in lockstep, with the same result.
+
+    Step t of every layer runs in the same few tensor operations over all layers, with no host-device
+    synchronisation inside the loop: each layer's group g* looks at a fixed window of the next 2·chunk entries
+    of its order and keeps the first `take` not yet kept. A layer whose window ever held fewer (other groups
+    had kept most of it) is recomputed with `greedy_select` (one check per call), so the result is always the
+    exact chunked greedy's. Layers are `[G, n_l]` on one device; the batch costs about 2·(G + 1) values per
+    weight of working memory on top of the inputs (orders and a concatenated copy).
+    """
+    if not layers:
+        return []
+    device, num_groups = layers[0].device, layers[0].shape[0]
+    sizes = [layer.shape[1] for layer in layers]
+    num_layers, total = len(layers), sum(sizes)
+    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
+    size_t = torch.tensor(sizes, device=device)
+    keep_t = torch.tensor(list(keeps), device=device)
+    chunk_t = torch.tensor(list(chunks), device=device)
+    rows_of = torch.cat([layer.float().T for layer in layers]).contiguous()  # [total, G]: one row per weight
+    order = torch.cat(
+        [torch.sort(layer, dim=1, descending=True, stable=True).indices + int(offset)
+         for layer, offset in zip(layers, [0, *itertools.accumulate(sizes[:-1])])],
+        dim=1,
+    )  # fmt: skip
+    target = torch.stack([share.to(device, torch.float64) for share in shares])  # [L, G]
+    window = 2 * max(chunks)
+    steps = max(math.ceil(k / c) if k else 0 for k, c in zip(keeps, chunks))
+    kept = torch.zeros(total, dtype=torch.uint8, device=device)
+    start = torch.zeros(num_layers, num_groups, dtype=torch.long, device=device)
+    retained = torch.zeros(num_layers, num_groups, dtype=torch.float64, device=device)
+    short = torch.zeros(num_layers, dtype=torch.bool, device=device)
+    rows = torch.arange(num_layers, device=device)
+    positions = torch.arange(window, device=device)
+    tiny = torch.finfo(torch.float64).tiny
+    for step in range(steps):
+        take = (keep_t - step * chunk_t).clamp(min=0).minimum(chunk_t)  # [L]; 0 once a layer is done
+        share = retained / retained.sum(dim=1, keepdim=True).clamp(min=tiny)
+        g = torch.argmax(target - share, dim=1)  # first maximum: lowest group index on ties
+        first = start[rows, g]
+        index = first[:, None] + positions  # [L, W] positions in g's order of each layer
+        inside = index < size_t[:, None]
+        candidates = order[g[:, None], offsets[:, None] + index.minimum(size_t[:, None] - 1)]
+        free = inside & (kept[candidates] == 0)
+        taken = free.cumsum(dim=1)
+        chosen = free & (taken <= take[:, None])
+        short |= taken[:, -1] < take
+        kept.scatter_reduce_(0, candidates.flatten(), chosen.flatten().to(torch.uint8), reduce="amax")
+        retained += (rows_of[candidates] * chosen[..., None]).sum(dim=1, dtype=torch.float64)  # [L, G]
+        last = (taken < take[:, None]).sum(dim=1)  # window index of the take-th free entry
+        start[rows, g] = torch.where(take > 0, first + last + 1, first)
+    masks = list(kept.bool().split(sizes))
+    for i in short.nonzero().flatten().tolist():  # the one read of the loop's outcome
+        masks[i] = greedy_select(layers[i], keeps[i], shares[i], chunk=chunks[i])
+    return masks
+
+
 def fairgrape_masks(
     importance: Mapping[str, torch.Tensor],
     sparsity: float,
     current_masks: Mapping[str, torch.Tensor],
     chunk_fraction: float = 1e-3,
+    max_batch_values: int = 2**28,
 ) -> dict[str, torch.Tensor]:
     """New masks (True = kept, shaped like each weight) pruning every layer to `sparsity` with `greedy_select`.
 
@@ -212,6 +272,12 @@ def fairgrape_masks(
     weights kept by `current_masks` are candidates, so masks are nested and no pruned weight comes back; the
     target shares S_{l,g} are computed over those candidates. Each greedy step keeps
     chunk = max(1, round(chunk_fraction · K)) weights (chunk_fraction=0 gives the exact greedy).
+
+    On an accelerator the layers are selected together (`greedy_select_layers`), in batches of at most
+    `max_batch_values` importance values (groups × weights), so that a round costs about a thousand steps of a
+    few kernel launches each, not a thousand per layer, each reading values back to the host. On the CPU, where
+    reading back is free and gathers from large tensors are not, one layer at a time (`greedy_select`). Both
+    give the same masks.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"fairgrape_masks: sparsity must be in [0, 1), got {sparsity}.")
@@ -222,7 +288,7 @@ def fairgrape_masks(
             f"fairgrape_masks: importance is for {sorted(importance)}, current_masks for {sorted(current_masks)}; "
             "score the same parameters the pruner masks."
         )
-    masks = {}
+    selected = {}  # name -> (candidates, [G, m] importance of the candidates, keep)
     for name, scores in importance.items():
         current = current_masks[name]
         if scores[0].numel() != current.numel():
@@ -238,11 +304,32 @@ def fairgrape_masks(
                 f"that sparsity {sparsity} asks for; pruned weights never come back, so ask for a sparsity at "
                 "least the current one."
             )
-        layer = scores.reshape(scores.shape[0], -1)[:, candidates].float()
-        chosen = greedy_select(layer, keep, _shares(layer), chunk=max(1, round(chunk_fraction * keep)))
-        mask = torch.zeros(current.numel(), dtype=torch.bool, device=scores.device)
-        mask[candidates[chosen]] = True
-        masks[name] = mask.view(current.shape).to(current.device)
+        selected[name] = (candidates, scores.reshape(scores.shape[0], -1)[:, candidates].float(), keep)
+    batches, batch, values = [], [], 0
+    for name, (_, layer, _) in selected.items():
+        if batch and values + layer.numel() > max_batch_values:
+            batches.append(batch)
+            batch, values = [], 0
+        batch.append(name)
+        values += layer.numel()
+    batches.append(batch)
+    if all(layer.device.type == "cpu" for _, layer, _ in selected.values()):
+        batches = [[name] for name in selected]  # one layer at a time, with greedy_select
+    masks = {}
+    for names in batches:
+        layers = [selected[name][1] for name in names]
+        keeps = [selected[name][2] for name in names]
+        chunks = [max(1, round(chunk_fraction * keep)) for keep in keeps]
+        shares = [_shares(layer) for layer in layers]
+        if layers[0].device.type == "cpu":
+            chosen = [greedy_select(layers[0], keeps[0], shares[0], chunk=chunks[0])]
+        else:
+            chosen = greedy_select_layers(layers, keeps, shares, chunks)
+        for name, kept in zip(names, chosen):
+            candidates, current = selected[name][0], current_masks[name]
+            mask = torch.zeros(current.numel(), dtype=torch.bool, device=candidates.device)
+            mask[candidates[kept]] = True
+            masks[name] = mask.view(current.shape).to(current.device)
     return masks
 
 

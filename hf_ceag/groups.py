@@ -13,9 +13,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 
 GROUP_ID_COLUMN = "ceag_group_id"
 """Column the trainer adds to every dataset it is given; holds the integer group id of each row."""
+
+
+def group_counts(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """How many of `group_ids` fall in each of `num_groups` groups, `[num_groups]` (long).
+
+    A scatter-add of fixed shape rather than `torch.bincount`, which reads the largest id back to the host
+    on CUDA (a synchronisation every training step)."""
+    group_ids = group_ids.long().reshape(-1)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=group_ids.device)
+    return counts.index_add_(0, group_ids, torch.ones_like(group_ids))
+
+
+def group_means(
+    values: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean of `values` (0 for absent groups) and per-group counts, without a loop over groups and
+    without a host-device synchronisation."""
+    counts = group_counts(group_ids, num_groups)
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, group_ids.long(), values)
+    return sums / counts.clamp(min=1).to(values.dtype), counts
 
 
 def _column_values(dataset: datasets.Dataset, column: str) -> list:

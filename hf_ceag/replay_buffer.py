@@ -2,12 +2,15 @@
 
 A small group's accuracy estimated on one mini-batch is very noisy; CEAG instead estimates it from the
 group's k most recent training predictions (DESIGN §2.3). The buffers are one `[num_groups, k]` tensor
-updated with tensor operations only, whatever the number of groups.
+updated with fixed-shape tensor operations only, whatever the number of groups: no loop over groups, and no
+host-device synchronisation on a GPU (no boolean indexing, no `bincount`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .groups import group_counts
 
 
 class ReplayBuffer:
@@ -24,7 +27,10 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}.")
         self.num_groups = num_groups
         self.capacity = capacity
-        self.values = torch.zeros(num_groups, capacity, dtype=torch.float32, device=device)
+        # One spare column takes the writes a call drops (older than a group's last `capacity` values), so that
+        # the write is one fixed-shape scatter; `values` is the view without it.
+        self._slots = torch.zeros(num_groups, capacity + 1, dtype=torch.float32, device=device)
+        self.values = self._slots[:, :capacity]
         self.position = torch.zeros(num_groups, dtype=torch.long, device=device)
         self.count = torch.zeros(num_groups, dtype=torch.long, device=device)
 
@@ -37,14 +43,14 @@ class ReplayBuffer:
             return
         order = torch.sort(group_ids, stable=True).indices
         sorted_ids = group_ids[order]
-        per_group = torch.bincount(sorted_ids, minlength=self.num_groups)
+        per_group = group_counts(sorted_ids, self.num_groups)
         first = torch.cumsum(per_group, 0) - per_group
         rank = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first[sorted_ids]
-        # Values older than the last `capacity` of a group would be overwritten in this same call:
-        # drop them so that no two writes hit the same slot.
+        # Values older than the last `capacity` of a group would be overwritten in this same call: send them to
+        # the spare column, so that no two kept writes hit the same slot.
         keep = rank >= per_group[sorted_ids] - self.capacity
-        slot = (self.position[sorted_ids] + rank) % self.capacity
-        self.values[sorted_ids[keep], slot[keep]] = values[order][keep]
+        slot = torch.where(keep, (self.position[sorted_ids] + rank) % self.capacity, self.capacity)
+        self._slots[sorted_ids, slot] = values[order]
         self.position = (self.position + per_group) % self.capacity
         self.count = torch.clamp(self.count + per_group, max=self.capacity)
 

@@ -27,7 +27,7 @@ def tiny_vit():
     return AutoModelForImageClassification.from_config(config)
 
 
-def main(out, batch, grad_accum, mitigation, precision="fp32"):
+def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
     set_seed(0)
     model = tiny_vit()
     data = load_digits_dataset(image_size=16, rare_groups=(3, 8))
@@ -52,7 +52,7 @@ def main(out, batch, grad_accum, mitigation, precision="fp32"):
         report_to="none",
         disable_tqdm=True,
         bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=use_cpu or not torch.cuda.is_available(),
         seed=0,
     )
     trainer = CEAGTrainer(model, config, train_dataset=data["train"])

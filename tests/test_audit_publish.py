@@ -1,6 +1,7 @@
 """Issue 3: report intervals and statuses, the evaluate metric, per-group eval logs, model card, the
 push_to_hub gate, timm-loadable folders and scripts/audit.py."""
 
+import copy
 import json
 import os
 import random
@@ -147,11 +148,12 @@ def test_saved_folder_card_and_timm_loading(trained, tmp_path):
         assert expected in text, expected
     assert "| 3 | 27 |" in text  # a per-group row
     x = torch.randn(2, 1, 16, 16)
+    trained_model = copy.deepcopy(trained.model).cpu().eval()  # the trainer's may sit on a GPU
     hf = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True).eval()
     bare = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(bare(x), hf(pixel_values=x).logits)
-        torch.testing.assert_close(hf(pixel_values=x).logits, trained.model.eval()(pixel_values=x).logits)
+        torch.testing.assert_close(hf(pixel_values=x).logits, trained_model(pixel_values=x).logits)
 
 
 def test_push_to_hub_gate_and_no_token_in_files(trained):

@@ -80,7 +80,7 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_model, d
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     steps = []
     tiny_model.register_forward_hook(lambda module, args, output: steps.append(1) or _poison(output, len(steps)))
-    with pytest.raises(FloatingPointError, match="non-finite ce_loss=nan"):
+    with pytest.raises(FloatingPointError, match="non-finite .*ce_loss=nan"):
         trainer.train()
     assert not os.path.exists(os.path.join(config.output_dir, "model.safetensors"))
 

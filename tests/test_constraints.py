@@ -50,7 +50,7 @@ def test_primal_lagrangian_gradient_is_loss_plus_weighted_surrogates(overall_gra
         reference(), buffer_size=0, tolerance=0.0, overall_gradient=overall_gradient
     )
     with torch.no_grad():
-        problem.multiplier.weight.copy_(torch.tensor([[0.2], [0.0], [0.7]]))
+        problem.multiplier.weight.copy_(torch.tensor([0.2, 0.0, 0.7]))
     losses = torch.tensor([0.1, 0.5, 0.9, 1.3], requires_grad=True)
     ids = torch.tensor([0, 0, 2, 1])
     state = problem.compute_cmp_state(losses, ids, update_duals=False)
@@ -72,7 +72,7 @@ def test_primal_step_never_raises_a_groups_loss_with_the_default_proxy(overall_g
     )
     torch.manual_seed(0)
     for _ in range(20):
-        lam = torch.rand(3, 1) * 3
+        lam = torch.rand(3) * 3
         lam[torch.randint(0, 3, ())] = 0.0
         with torch.no_grad():
             problem.multiplier.weight.copy_(lam)

@@ -12,6 +12,7 @@ from hf_ceag.fairgrape import (
     fairgrape_masks,
     geometric_sparsities,
     greedy_select,
+    greedy_select_layers,
     group_importance,
     target_shares,
 )
@@ -208,6 +209,33 @@ def test_chunked_greedy_matches_exact_greedy_closely(chunk, min_overlap):
     assert overlap >= min_overlap
     # both keep every group's retained share near its target
     assert (retained_shares(layer, chunked) - shares).abs().max() < 0.02
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layers_selected_in_lockstep_equal_the_greedy_one_layer_at_a_time(device):
+    """`greedy_select_layers` (the accelerator path) against `greedy_select`, the reference loop: random layers
+    of several sizes, keeps and chunks (including keep 0, keep n and chunk 1), and one layer built so that the
+    lockstep window runs short (the later groups' orders are entirely taken by the first group's), which must
+    fall back to the reference."""
+    generator = torch.Generator().manual_seed(0)
+    layers, keeps, chunks = [], [], []
+    for n, keep, chunk in ((1, 0, 1), (7, 7, 2), (300, 40, 1), (2000, 500, 5), (2000, 1200, 25), (97, 30, 3)):
+        layers.append(random_layer(num_groups=3, n=n, seed=n + keep))
+        keeps.append(keep)
+        chunks.append(chunk)
+    base = torch.rand(200, generator=generator)
+    layers.append(torch.stack([base, 1e-3 * base, 1e-3 * base]))  # one order for every group, shares ~1 / 0 / 0
+    keeps.append(150)
+    chunks.append(1)
+    shares = [target_shares({"l": layer})["l"] for layer in layers]
+    fast = greedy_select_layers([layer.to(device) for layer in layers], keeps, shares, chunks)
+    for i, (layer, keep, share, chunk) in enumerate(zip(layers, keeps, shares, chunks)):
+        expected = greedy_select(layer, keep, share, chunk=chunk)
+        assert torch.equal(fast[i].cpu(), expected), i
+        assert int(fast[i].sum()) == keep
 
 
 def test_greedy_equalises_retained_shares_where_magnitude_pruning_starves_a_group():

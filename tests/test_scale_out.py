@@ -3,6 +3,11 @@
 Agreement tolerances asserted here were measured on the CPU CI machine type (see the closing note): two
 processes vs one, 12 steps: weights within 6e-8, multipliers and buffers identical; gradient accumulation
 2 × 16 vs 1 × 32: multipliers and buffers identical, NFT weights within 3e-8, CEAG weights within 1.2e-2.
+
+Exactness is a claim per device. On the CPU the bit-exact claims hold (deterministic kernels). On CUDA,
+atomics (`index_add_`) and cuDNN's algorithm choice reorder float sums, so the same claims are checked within
+`CUDA_TOLERANCE`. Two processes need two GPUs; with fewer, they run on the CPU (gloo) as on a machine without
+any GPU, and are compared with a one-process run on the CPU.
 """
 
 import copy
@@ -24,8 +29,33 @@ sys.path.insert(0, str(ROOT / "tests"))
 import distributed_worker  # noqa: E402
 
 
+ON_CUDA = torch.cuda.is_available()
+PROCESSES_ON_CPU = torch.cuda.device_count() < 2
+# On CUDA: weights and multipliers within atol; replay buffers (0/1 correctness) may differ in a few entries
+# where a near-tie in the logits flips a prediction.
+CUDA_TOLERANCE = {"weights": 1e-3, "multiplier": 1e-3, "buffer_mismatch": 0.02}
+
+
+def assert_same(actual, expected, what, cpu_atol=0.0):
+    """Equal within `cpu_atol` on the CPU; within `CUDA_TOLERANCE` on CUDA (the deviation is printed)."""
+    actual, expected = actual.cpu(), expected.cpu()
+    if not ON_CUDA:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=cpu_atol)
+        return
+    if what == "buffer":
+        mismatch = float((actual != expected).float().mean())
+        print(f"CUDA {what}: {mismatch:.4f} of entries differ")
+        assert mismatch <= CUDA_TOLERANCE["buffer_mismatch"], mismatch
+    else:
+        deviation = float((actual - expected).abs().max())
+        print(f"CUDA {what}: max deviation {deviation:.2e}")
+        assert deviation <= max(cpu_atol, CUDA_TOLERANCE[what]), deviation
+
+
 def run(command, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if PROCESSES_ON_CPU:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # fewer than two GPUs: the processes run on the CPU
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -42,7 +72,17 @@ def one_process_ceag(tmp_path_factory):
     return state(out)
 
 
-def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_process_ceag):
+@pytest.fixture(scope="module")
+def one_process_like_two(tmp_path_factory, one_process_ceag):
+    """The one-process run on the device the two-process runs use."""
+    if PROCESSES_ON_CPU != ON_CUDA:  # same device as the default one
+        return one_process_ceag
+    out = tmp_path_factory.mktemp("one-cpu")
+    distributed_worker.main(str(out), 32, 1, "ceag", use_cpu=True)
+    return state(out)
+
+
+def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_process_like_two):
     out = tmp_path / "two"
     worker = str(ROOT / "tests" / "distributed_worker.py")
     printed = run(["torchrun", "--standalone", "--nproc_per_node", "2", worker, str(out), "16", "1", "ceag"], ROOT)
@@ -51,10 +91,14 @@ def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_
     for key in ("multiplier", "buffer", "weights"):
         assert torch.equal(rank0[key], rank1[key]), key  # bit-identical across ranks
     assert rank0["multiplier"].abs().sum() > 0
-    torch.testing.assert_close(rank0["multiplier"], one_process_ceag["multiplier"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(rank0["buffer"], one_process_ceag["buffer"], rtol=0, atol=0)
-    torch.testing.assert_close(rank0["weights"], one_process_ceag["weights"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(rank0["reference_accuracy"], one_process_ceag["reference_accuracy"])
+    one = one_process_like_two
+    two_on_cuda = not PROCESSES_ON_CPU
+    for key, atol in (("multiplier", 1e-6), ("buffer", 0.0), ("weights", 1e-6)):
+        if two_on_cuda:
+            assert_same(rank0[key], one[key], key, atol)
+        else:
+            torch.testing.assert_close(rank0[key], one[key], rtol=0, atol=atol)
+    torch.testing.assert_close(rank0["reference_accuracy"], one["reference_accuracy"])
 
 
 LAUNCHERS = {
@@ -76,15 +120,13 @@ def test_readme_launchers_run_the_script_on_two_cpu_processes(tmp_path, launcher
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_process_ceag):
     distributed_worker.main(str(tmp_path / "ga"), 16, 2, "ceag")
     accumulated = state(tmp_path / "ga")
-    torch.testing.assert_close(accumulated["multiplier"], one_process_ceag["multiplier"], rtol=0, atol=0)
-    torch.testing.assert_close(accumulated["buffer"], one_process_ceag["buffer"], rtol=0, atol=0)
+    assert_same(accumulated["multiplier"], one_process_ceag["multiplier"], "multiplier")
+    assert_same(accumulated["buffer"], one_process_ceag["buffer"], "buffer")
     # the first micro-batch's primal gradient uses λ before the step's single dual update
-    torch.testing.assert_close(accumulated["weights"], one_process_ceag["weights"], rtol=0, atol=2e-2)
+    assert_same(accumulated["weights"], one_process_ceag["weights"], "weights", cpu_atol=2e-2)
     distributed_worker.main(str(tmp_path / "nft1"), 32, 1, "none")
     distributed_worker.main(str(tmp_path / "nft2"), 16, 2, "none")
-    torch.testing.assert_close(
-        state(tmp_path / "nft2")["weights"], state(tmp_path / "nft1")["weights"], rtol=0, atol=1e-6
-    )
+    assert_same(state(tmp_path / "nft2")["weights"], state(tmp_path / "nft1")["weights"], "weights", 1e-6)
 
 
 def test_bf16_runs_with_fp32_constraint_state(tmp_path, one_process_ceag):
@@ -154,11 +196,11 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
     resumed.train(resume_from_checkpoint=True)
 
     for (name, a), b in zip(straight.model.named_parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b), name
+        assert_same(a.detach(), b.detach(), "weights")
     for name, mask in straight.pruner.masks.items():
         assert torch.equal(mask, resumed.pruner.masks[name]), name
-    assert torch.equal(straight.problem.multipliers_tensor(), resumed.problem.multipliers_tensor())
-    assert torch.equal(straight.problem.buffer.values, resumed.problem.buffer.values)
+    assert_same(straight.problem.multipliers_tensor(), resumed.problem.multipliers_tensor(), "multiplier")
+    assert_same(straight.problem.buffer.values, resumed.problem.buffer.values, "buffer")
 
     refused = CEAGTrainer(
         copy.deepcopy(dense), make_config(output_dir=folder, **common), train_dataset=digits["train"]

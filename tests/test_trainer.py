@@ -7,6 +7,8 @@ import datasets
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from transformers import TrainerCallback
 
 from hf_ceag import CEAGTrainer, DenseReference
 from hf_ceag.reference import REFERENCE_FILE
@@ -66,7 +68,7 @@ def test_saved_sparse_model_loads_without_hf_ceag(tmp_path, tiny_model, digits, 
     trainer.save_model(str(folder))
     assert (folder / "model.safetensors").exists()
     x = digits["test"][:8]["pixel_values"]
-    tiny_model.eval()
+    tiny_model.cpu().eval()  # compared on the CPU, where the reloaded model is
     with torch.no_grad():
         expected = tiny_model(pixel_values=x).logits
     torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
@@ -163,7 +165,9 @@ def test_transformers_image_classifiers_prune_and_reload(tmp_path, digits, make_
     reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / kind), use_safetensors=True)
     x = digits["test"][:4]["pixel_values"]
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+        torch.testing.assert_close(
+            reloaded.eval()(pixel_values=x).logits, model.cpu().eval()(pixel_values=x).logits
+        )
 
 
 def test_a_given_dense_reference_is_used_and_checked(tiny_model, digits, make_config):
@@ -229,3 +233,62 @@ def test_pruned_weights_have_no_gradient_when_the_trainer_clips(tiny_model, digi
     assert all(nonzero == 0 for _, nonzero, _ in seen)
     logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
     assert logged == pytest.approx([norm for _, _, norm in seen], rel=1e-4)
+
+
+class NoHostReads(TorchFunctionMode):
+    """Raises on the torch calls that read a tensor's value back to the host (`item`, `tolist`, `bool`, `int`,
+    `float`, `nonzero`) and on boolean-mask indexing (a data-dependent shape): on a GPU each is a sync."""
+
+    READS = {
+        torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+        torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+    }  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"{func.__name__} read a tensor back to the host inside a training step")
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            keys = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+                raise AssertionError("boolean-mask indexing (a data-dependent shape) inside a training step")
+        return func(*args, **(kwargs or {}))
+
+
+class NoHostReadsDuringSteps(TrainerCallback):
+    """A CPU stand-in for CUDA's sync debug mode: `NoHostReads` from `on_step_begin` to `on_step_end` of every
+    step after the first log (forward, loss, dual step, backward, clipping, optimizer step and mask hooks)."""
+
+    def __init__(self):
+        self.mode, self.checked = None, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= args.logging_steps:
+            self.checked += 1
+            self.mode = NoHostReads()
+            self.mode.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+
+@pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss"])
+def test_training_steps_read_nothing_back_from_the_device(tiny_model, digits, make_config, mitigation):
+    """What `tests/test_cuda.py` checks with `torch.cuda.set_sync_debug_mode("error")`, checked on any machine
+    at the Python level: the constrained step, the dual step, the masks and the metrics stay on the device."""
+    watcher = NoHostReadsDuringSteps()
+    config = make_config(
+        mitigation=mitigation, max_steps=10, logging_steps=3, pruning_end_epoch=0.0, dual_lr=0.5, tolerance=0.0
+    )
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], callbacks=[watcher])
+    try:
+        trainer.train()
+    finally:
+        watcher.restore()
+    assert watcher.checked == 10 - 3
+    if mitigation != "none":
+        assert trainer.problem.dual_steps > 0 and trainer.problem.multipliers_tensor().abs().sum() > 0
