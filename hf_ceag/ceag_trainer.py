@@ -651,6 +651,8 @@ class _StepMetrics:
         self.window = torch.zeros(2, problem.num_groups, device=device)  # [correct, seen] per group
         self.sums = torch.zeros(5, device=device)  # ce_loss, gap estimate, multiplier mean/max, full buffers
         self.counts = torch.zeros(5, device=device)
+        # a non-finite cross-entropy is a broken step: it is kept (the others' -inf means "not defined yet")
+        self.always = torch.tensor([True, False, False, False, False], device=device)
 
     @torch.no_grad()
     def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
@@ -670,8 +672,7 @@ class _StepMetrics:
             multipliers.max(),
             problem.ready.sum().float(),
         ])  # fmt: skip
-        defined = torch.isfinite(values)
-        defined[0] = True  # a non-finite cross-entropy is a broken step: keep it
+        defined = torch.isfinite(values) | self.always
         self.sums += torch.where(defined, values, 0.0)
         self.counts += defined
 

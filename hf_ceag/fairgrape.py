@@ -205,29 +205,47 @@ def greedy_select_layers(
     """`greedy_select` for several layers at once, in lockstep, with the same result.
 
     Step t of every layer runs in the same few tensor operations over all layers, with no host-device
-    synchronisation inside the loop: each layer's group g* looks at a fixed window of the next 2·chunk entries
-    of its order and keeps the first `take` not yet kept. A layer whose window ever held fewer (other groups
-    had kept most of it) is recomputed with `greedy_select` (one check per call), so the result is always the
-    exact chunked greedy's. Layers are `[G, n_l]` on one device; the batch costs about 2·(G + 1) values per
-    weight of working memory on top of the inputs (orders and a concatenated copy).
+    synchronisation inside the loop: each layer's group g* looks at a fixed window of the next W entries of
+    its order and keeps the first `take` not yet kept. A layer whose window ever held fewer (the other groups
+    had already kept most of it: group orders overlap) is selected again, with the other such layers, with a
+    window four times wider, until none runs short (a window as long as the layer never does). So the result
+    is always the exact chunked greedy's. Layers are `[G, n_l]` on one device; a pass costs about 2·(G + 1)
+    values per weight of working memory on top of the inputs (orders and a concatenated copy).
     """
-    if not layers:
-        return []
+    masks: list[torch.Tensor | None] = [None] * len(layers)
+    pending = [i for i in range(len(layers))]
+    window = 2 * max(chunks, default=1)
+    while pending:
+        longest = max(layers[i].shape[1] for i in pending)
+        window = min(window, longest)
+        selected, short = _lockstep_pass(
+            [layers[i] for i in pending], [keeps[i] for i in pending], [shares[i] for i in pending],
+            [chunks[i] for i in pending], window,
+        )  # fmt: skip
+        for i, kept, was_short in zip(pending, selected, short.tolist()):  # the one read per pass
+            if not was_short:
+                masks[i] = kept
+        pending = [i for i, was_short in zip(pending, short.tolist()) if was_short]
+        window *= 4
+    return masks
+
+
+def _lockstep_pass(layers, keeps, shares, chunks, window) -> tuple[list[torch.Tensor], torch.Tensor]:
     device, num_groups = layers[0].device, layers[0].shape[0]
     sizes = [layer.shape[1] for layer in layers]
     num_layers, total = len(layers), sum(sizes)
-    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
+    starts = [0, *itertools.accumulate(sizes[:-1])]
+    offsets = torch.tensor(starts, device=device)
     size_t = torch.tensor(sizes, device=device)
     keep_t = torch.tensor(list(keeps), device=device)
     chunk_t = torch.tensor(list(chunks), device=device)
     rows_of = torch.cat([layer.float().T for layer in layers]).contiguous()  # [total, G]: one row per weight
     order = torch.cat(
-        [torch.sort(layer, dim=1, descending=True, stable=True).indices + int(offset)
-         for layer, offset in zip(layers, [0, *itertools.accumulate(sizes[:-1])])],
+        [torch.sort(layer, dim=1, descending=True, stable=True).indices + offset
+         for layer, offset in zip(layers, starts)],
         dim=1,
     )  # fmt: skip
     target = torch.stack([share.to(device, torch.float64) for share in shares])  # [L, G]
-    window = 2 * max(chunks)
     steps = max(math.ceil(k / c) if k else 0 for k, c in zip(keeps, chunks))
     kept = torch.zeros(total, dtype=torch.uint8, device=device)
     start = torch.zeros(num_layers, num_groups, dtype=torch.long, device=device)
@@ -252,10 +270,7 @@ def greedy_select_layers(
         retained += (rows_of[candidates] * chosen[..., None]).sum(dim=1, dtype=torch.float64)  # [L, G]
         last = (taken < take[:, None]).sum(dim=1)  # window index of the take-th free entry
         start[rows, g] = torch.where(take > 0, first + last + 1, first)
-    masks = list(kept.bool().split(sizes))
-    for i in short.nonzero().flatten().tolist():  # the one read of the loop's outcome
-        masks[i] = greedy_select(layers[i], keeps[i], shares[i], chunk=chunks[i])
-    return masks
+    return list(kept.bool().split(sizes)), short
 
 
 def fairgrape_masks(

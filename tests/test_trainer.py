@@ -237,7 +237,8 @@ def test_pruned_weights_have_no_gradient_when_the_trainer_clips(tiny_model, digi
 
 class NoHostReads(TorchFunctionMode):
     """Raises on the torch calls that read a tensor's value back to the host (`item`, `tolist`, `bool`, `int`,
-    `float`, `nonzero`) and on boolean-mask indexing (a data-dependent shape): on a GPU each is a sync."""
+    `float`, `nonzero`), on boolean-mask indexing (a data-dependent shape) and on `t[i] = <Python number>`
+    (a host-to-device copy): on a GPU each is a sync (`tests/test_cuda.py` checks the real thing there)."""
 
     READS = {
         torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
@@ -251,6 +252,8 @@ class NoHostReads(TorchFunctionMode):
             keys = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
                 raise AssertionError("boolean-mask indexing (a data-dependent shape) inside a training step")
+            if func is torch.Tensor.__setitem__ and isinstance(args[2], (bool, int, float)):
+                raise AssertionError("a Python number written into a tensor (a host-to-device copy on a GPU)")
         return func(*args, **(kwargs or {}))
 
 
