@@ -4,10 +4,13 @@ Agreement tolerances asserted here were measured on the CPU CI machine type (see
 processes vs one, 12 steps: weights within 6e-8, multipliers and buffers identical; gradient accumulation
 2 × 16 vs 1 × 32: multipliers and buffers identical, NFT weights within 3e-8, CEAG weights within 1.2e-2.
 
-Exactness is a claim per device. On the CPU the bit-exact claims hold (deterministic kernels). On CUDA,
-atomics (`index_add_`) and cuDNN's algorithm choice reorder float sums, so the same claims are checked within
-`CUDA_TOLERANCE`. Two processes need two GPUs; with fewer, they run on the CPU (gloo) as on a machine without
-any GPU, and are compared with a one-process run on the CPU.
+Exactness is a claim per device, and these tests make it on the CPU on every machine (deterministic kernels:
+bit-exact). On CUDA the same comparisons are not exact and not close: atomics (`index_add_`) and cuDNN's
+algorithm choice reorder float sums, a near-tie in the logits then flips a prediction in a replay buffer, and
+the dual step (dual_lr 0.5, ε = 0 here) amplifies it. Measured on an H200 (commit b459a4a): gradient
+accumulation 2 × 16 vs 1 × 32, multipliers 0.11 apart after 32 steps; resumed vs uninterrupted run, weights
+0.021 apart after 16 steps. Two processes need two GPUs; with fewer, they run on the CPU (gloo) as on a
+machine without any.
 """
 
 import copy
@@ -29,27 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import distributed_worker  # noqa: E402
 
 
-ON_CUDA = torch.cuda.is_available()
 PROCESSES_ON_CPU = torch.cuda.device_count() < 2
-# On CUDA: weights and multipliers within atol; replay buffers (0/1 correctness) may differ in a few entries
-# where a near-tie in the logits flips a prediction.
-CUDA_TOLERANCE = {"weights": 1e-3, "multiplier": 1e-3, "buffer_mismatch": 0.02}
-
-
-def assert_same(actual, expected, what, cpu_atol=0.0):
-    """Equal within `cpu_atol` on the CPU; within `CUDA_TOLERANCE` on CUDA (the deviation is printed)."""
-    actual, expected = actual.cpu(), expected.cpu()
-    if not ON_CUDA:
-        torch.testing.assert_close(actual, expected, rtol=0, atol=cpu_atol)
-        return
-    if what == "buffer":
-        mismatch = float((actual != expected).float().mean())
-        print(f"CUDA {what}: {mismatch:.4f} of entries differ")
-        assert mismatch <= CUDA_TOLERANCE["buffer_mismatch"], mismatch
-    else:
-        deviation = float((actual - expected).abs().max())
-        print(f"CUDA {what}: max deviation {deviation:.2e}")
-        assert deviation <= max(cpu_atol, CUDA_TOLERANCE[what]), deviation
 
 
 def run(command, cwd):
@@ -67,22 +50,23 @@ def state(folder, rank=0):
 
 @pytest.fixture(scope="module")
 def one_process_ceag(tmp_path_factory):
+    """One process on the default device (a GPU where there is one)."""
     out = tmp_path_factory.mktemp("one")
     distributed_worker.main(str(out), 32, 1, "ceag")
     return state(out)
 
 
 @pytest.fixture(scope="module")
-def one_process_like_two(tmp_path_factory, one_process_ceag):
-    """The one-process run on the device the two-process runs use."""
-    if PROCESSES_ON_CPU != ON_CUDA:  # same device as the default one
+def one_process_cpu(tmp_path_factory, one_process_ceag):
+    """One process on the CPU, where the exactness claims are made."""
+    if not torch.cuda.is_available():
         return one_process_ceag
     out = tmp_path_factory.mktemp("one-cpu")
     distributed_worker.main(str(out), 32, 1, "ceag", use_cpu=True)
     return state(out)
 
 
-def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_process_like_two):
+def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_process_cpu):
     out = tmp_path / "two"
     worker = str(ROOT / "tests" / "distributed_worker.py")
     printed = run(["torchrun", "--standalone", "--nproc_per_node", "2", worker, str(out), "16", "1", "ceag"], ROOT)
@@ -91,14 +75,12 @@ def test_two_processes_hold_identical_state_and_match_one_process(tmp_path, one_
     for key in ("multiplier", "buffer", "weights"):
         assert torch.equal(rank0[key], rank1[key]), key  # bit-identical across ranks
     assert rank0["multiplier"].abs().sum() > 0
-    one = one_process_like_two
-    two_on_cuda = not PROCESSES_ON_CPU
-    for key, atol in (("multiplier", 1e-6), ("buffer", 0.0), ("weights", 1e-6)):
-        if two_on_cuda:
-            assert_same(rank0[key], one[key], key, atol)
-        else:
-            torch.testing.assert_close(rank0[key], one[key], rtol=0, atol=atol)
-    torch.testing.assert_close(rank0["reference_accuracy"], one["reference_accuracy"])
+    if not PROCESSES_ON_CPU:
+        return  # two GPUs against one CPU process: not comparable (see the module's docstring)
+    torch.testing.assert_close(rank0["multiplier"], one_process_cpu["multiplier"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rank0["buffer"], one_process_cpu["buffer"], rtol=0, atol=0)
+    torch.testing.assert_close(rank0["weights"], one_process_cpu["weights"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rank0["reference_accuracy"], one_process_cpu["reference_accuracy"])
 
 
 LAUNCHERS = {
@@ -117,16 +99,18 @@ def test_readme_launchers_run_the_script_on_two_cpu_processes(tmp_path, launcher
     assert (tmp_path / "run" / "ceag" / "report.json").exists()
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_process_ceag):
-    distributed_worker.main(str(tmp_path / "ga"), 16, 2, "ceag")
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, one_process_cpu):
+    distributed_worker.main(str(tmp_path / "ga"), 16, 2, "ceag", use_cpu=True)
     accumulated = state(tmp_path / "ga")
-    assert_same(accumulated["multiplier"], one_process_ceag["multiplier"], "multiplier")
-    assert_same(accumulated["buffer"], one_process_ceag["buffer"], "buffer")
+    torch.testing.assert_close(accumulated["multiplier"], one_process_cpu["multiplier"], rtol=0, atol=0)
+    torch.testing.assert_close(accumulated["buffer"], one_process_cpu["buffer"], rtol=0, atol=0)
     # the first micro-batch's primal gradient uses λ before the step's single dual update
-    assert_same(accumulated["weights"], one_process_ceag["weights"], "weights", cpu_atol=2e-2)
-    distributed_worker.main(str(tmp_path / "nft1"), 32, 1, "none")
-    distributed_worker.main(str(tmp_path / "nft2"), 16, 2, "none")
-    assert_same(state(tmp_path / "nft2")["weights"], state(tmp_path / "nft1")["weights"], "weights", 1e-6)
+    torch.testing.assert_close(accumulated["weights"], one_process_cpu["weights"], rtol=0, atol=2e-2)
+    distributed_worker.main(str(tmp_path / "nft1"), 32, 1, "none", use_cpu=True)
+    distributed_worker.main(str(tmp_path / "nft2"), 16, 2, "none", use_cpu=True)
+    torch.testing.assert_close(
+        state(tmp_path / "nft2")["weights"], state(tmp_path / "nft1")["weights"], rtol=0, atol=1e-6
+    )
 
 
 def test_bf16_runs_with_fp32_constraint_state(tmp_path, one_process_ceag):
@@ -174,7 +158,7 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
     tmp_path, tiny_model, digits, make_config
 ):
     dense = copy.deepcopy(tiny_model)
-    common = dict(mitigation="ceag", dual_lr=0.5, tolerance=0.0, max_steps=16, pruning_end_epoch=0.2)
+    common = dict(mitigation="ceag", dual_lr=0.5, tolerance=0.0, max_steps=16, pruning_end_epoch=0.2, use_cpu=True)
     straight = CEAGTrainer(copy.deepcopy(dense), make_config(**common), train_dataset=digits["train"])
     straight.train()
 
@@ -196,11 +180,11 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
     resumed.train(resume_from_checkpoint=True)
 
     for (name, a), b in zip(straight.model.named_parameters(), resumed_model.parameters()):
-        assert_same(a.detach(), b.detach(), "weights")
+        assert torch.equal(a, b), name
     for name, mask in straight.pruner.masks.items():
         assert torch.equal(mask, resumed.pruner.masks[name]), name
-    assert_same(straight.problem.multipliers_tensor(), resumed.problem.multipliers_tensor(), "multiplier")
-    assert_same(straight.problem.buffer.values, resumed.problem.buffer.values, "buffer")
+    assert torch.equal(straight.problem.multipliers_tensor(), resumed.problem.multipliers_tensor())
+    assert torch.equal(straight.problem.buffer.values, resumed.problem.buffer.values)
 
     refused = CEAGTrainer(
         copy.deepcopy(dense), make_config(output_dir=folder, **common), train_dataset=digits["train"]
