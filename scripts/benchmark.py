@@ -180,6 +180,12 @@ def parse_settings(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "accelerator (e.g. --model resnet50 --image_size 224 --per_device_train_batch_size 128 --bf16 true).",
     )
     parser.add_argument(
+        "--merge_device_section",
+        metavar="FILE",
+        help="Add FILE (written by --device_section, e.g. on a GPU machine) to BENCHMARKS.md's device sections, "
+        "then stop.",
+    )
+    parser.add_argument(
         "--torch_compile_kinds", action="store_true", help="Also time plain and CEAG with --torch_compile true."
     )
     for hidden in ("--memory_child", "--memory_dense", "--memory_out"):
@@ -381,6 +387,34 @@ def update_readme(path: str, block: str) -> None:
         raise ValueError(f"{path}: no {README_START!r} ... {README_END!r} block to update.")
     with open(path, "w") as f:
         f.write(text[:start] + block + text[end + len(README_END) :])
+
+
+DEVICE_START = (
+    "<!-- device-sections: written by scripts/benchmark.py --device_section on each machine, do not edit -->"
+)
+DEVICE_END = "<!-- /device-sections -->"
+
+
+def device_block(text: str) -> str:
+    """The device sections already in a BENCHMARKS.md text (kept when the CPU benchmark rewrites the file)."""
+    start, end = text.find(DEVICE_START), text.find(DEVICE_END)
+    return text[start : end + len(DEVICE_END)] if 0 <= start < end else ""
+
+
+def merge_device_section(path: str, section: str) -> None:
+    """Add a section written by `--device_section` (on another machine, e.g. a GPU) to the device block of
+    BENCHMARKS.md at `path`, after the sections already there; an identical section is not added twice."""
+    with open(path) as f:
+        text = f.read()
+    block = device_block(text)
+    sections = block[len(DEVICE_START) : -len(DEVICE_END)].strip() if block else ""
+    if section.strip() in sections:
+        return
+    merged = "\n\n".join(part for part in (sections, section.strip()) if part)
+    new_block = f"{DEVICE_START}\n\n{merged}\n\n{DEVICE_END}"
+    text = text.replace(block, new_block) if block else text.rstrip("\n") + "\n\n" + new_block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 # ---- 1. method table ----
@@ -1188,6 +1222,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if settings.memory_child:
         memory_child(settings, extra)
         return {}
+    if settings.merge_device_section:
+        with open(settings.merge_device_section) as f:
+            merge_device_section(settings.output or os.path.join(REPO_ROOT, "BENCHMARKS.md"), f.read())
+        return {}
     run_config(settings, extra, "unused", 0, settings.variants[0])  # unknown flags fail now, not after an hour
     output = settings.output or (
         os.path.join(tempfile.mkdtemp(prefix="hf-ceag-quick-"), "BENCHMARKS.md")
@@ -1218,6 +1256,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     values = headline(over, scaling, peaks)
     line = " ".join(f"{key}={value:.3f}" for key, value in values.items())
     text = document(settings, argv, defaults, runs, over, scaling, fairgrape, peaks, seconds, line)
+    if os.path.isfile(output):  # the device sections were measured elsewhere: keep them
+        with open(output) as f:
+            kept = device_block(f.read())
+        text += f"\n{kept}\n" if kept else ""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         f.write(text)

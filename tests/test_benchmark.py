@@ -81,3 +81,24 @@ def test_quick_benchmark_writes_every_part_and_ends_with_the_headline(tmp_path, 
     for method in ("NFT", "CEAG"):
         before, peak = _numbers(_table_rows(text, method)[-1])[:2]
         assert 0 < before <= peak
+
+
+def test_device_sections_are_merged_once_and_kept_by_a_rewrite(tmp_path):
+    """A section measured on a GPU machine (`--device_section`) goes into BENCHMARKS.md's device block through
+    `--merge_device_section`; merging it again changes nothing; a second section follows the first; and the
+    block survives the CPU benchmark rewriting the file (`device_block` is what `main` keeps)."""
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Headline\n\nx=1\n")
+    first, second = tmp_path / "a.md", tmp_path / "b.md"
+    first.write_text("## Measured on GPU A\n\n- Command: `a`\n")
+    second.write_text("## Measured on GPU B\n\n- Command: `b`\n")
+    benchmark.main(["--merge_device_section", str(first), "--output", str(path)])
+    once = path.read_text()
+    benchmark.main(["--merge_device_section", str(first), "--output", str(path)])
+    assert path.read_text() == once and once.count("GPU A") == 1
+    benchmark.main(["--merge_device_section", str(second), "--output", str(path)])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks") and text.index("GPU A") < text.index("GPU B")
+    block = benchmark.device_block(text)
+    assert block.startswith(benchmark.DEVICE_START) and block.endswith(benchmark.DEVICE_END)
+    assert "GPU A" in block and "GPU B" in block and "Headline" not in block
