@@ -39,7 +39,13 @@ from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .model_card import build_model_card, violation_warning, write_model_folder_extras
 from .models import make_timm_loadable
-from .pruning import CubicSchedule, MagnitudePruner, fairgrape_round_steps, prunable_parameters
+from .pruning import (
+    CubicSchedule,
+    MagnitudePruner,
+    fairgrape_round_steps,
+    prunable_parameters,
+    sparsity_definition,
+)
 from .reference import DenseReference
 from .report import build_report, save_report, split_report
 
@@ -545,6 +551,7 @@ class CEAGTrainer(Trainer):
             dual_lr=self.args.dual_lr,
             pruning_scope=self.args.pruning_scope,
             group_columns=list(self.group_index.columns),
+            sparsity_definition=sparsity_definition(self.args.keep_first_last_dense, len(self.pruner.parameters)),
             layer_sparsity=self.pruner.layer_sparsity(),
             pruning_method=self.args.pruning_method,
             pruning_seconds=round(self.pruning_seconds, 3),

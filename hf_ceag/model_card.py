@@ -140,6 +140,7 @@ def build_model_card(
         base_model_text=f"`{base_model}`" if base_model else "a dense model",
         tolerance=report["tolerance"],
         sparsity=report["sparsity"],
+        sparsity_definition=report.get("sparsity_definition", "fraction of zero weights in the pruned layers"),
         target_sparsity=report["target_sparsity"],
         verdicts=[data.get("verdict", "") for data in report["splits"].values()],
         tables=tables,

@@ -81,6 +81,21 @@ def prunable_parameters(model: nn.Module, keep_first_last_dense: bool) -> dict[s
     return {f"{name}.weight" if name else "weight": m.weight for name, m in modules if m.weight.requires_grad}
 
 
+def sparsity_definition(keep_first_last_dense: bool, num_layers: int) -> str:
+    """What `sparsity` means in reports and cards (the trainer's and the audit's alike): the weights it counts."""
+    layers = "conv and linear weights" + (
+        " except the first conv and the last linear layer" if keep_first_last_dense else ""
+    )
+    return f"fraction of exactly zero weights over the {num_layers} {layers} (the layers hf-ceag prunes)"
+
+
+def measured_sparsity(parameters: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """Fraction of exact zeros over `parameters` (e.g. `prunable_parameters(model, True)`), and per weight."""
+    zeros = sum(int((p == 0).sum()) for p in parameters.values())
+    total = sum(p.numel() for p in parameters.values())
+    return zeros / total, {name: float((p == 0).float().mean()) for name, p in parameters.items()}
+
+
 def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     # Exactly k indices (ties broken by position), so the sparsity is exactly what was asked.
     return torch.topk(scores, k, largest=False, sorted=False).indices
@@ -160,14 +175,13 @@ class MagnitudePruner:
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Measured fraction of exact zeros among the prunable weights."""
-        zeros = sum(int((p == 0).sum()) for p in self.parameters.values())
-        return zeros / sum(p.numel() for p in self.parameters.values())
+        """Measured fraction of exact zeros among the prunable weights (`sparsity_definition`)."""
+        return measured_sparsity(self.parameters)[0]
 
     @torch.no_grad()
     def layer_sparsity(self) -> dict[str, float]:
         """Measured fraction of exact zeros per prunable weight."""
-        return {name: float((p == 0).float().mean()) for name, p in self.parameters.items()}
+        return measured_sparsity(self.parameters)[1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: mask.clone() for name, mask in self.masks.items()}

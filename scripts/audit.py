@@ -11,6 +11,7 @@ README.md into --output_dir:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
 from hf_ceag.groups import GROUP_ID_COLUMN  # noqa: E402
 from hf_ceag.model_card import build_model_card, write_model_folder_extras  # noqa: E402
+from hf_ceag.pruning import measured_sparsity, sparsity_definition  # noqa: E402
 from hf_ceag.report import build_report, save_report, split_report  # noqa: E402
 
 
@@ -46,10 +48,72 @@ class AuditArguments:
             raise ValueError(f"--tolerance={self.tolerance} is negative: give a fraction >= 0, e.g. 0.01.")
 
 
+def load_model(path: str, role: str):
+    """One model; refused when its saved weights do not fill its architecture, since it would then be audited
+    with re-initialised weights."""
+    model, info = AutoModelForImageClassification.from_pretrained(
+        path, use_safetensors=True, output_loading_info=True
+    )
+    missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        pruned = [k for k in unexpected if k.endswith(("weight_orig", "weight_mask"))]
+        hint = (
+            " Its weights were saved from torch.nn.utils.prune without removing the re-parametrisation: call "
+            "torch.nn.utils.prune.remove(module, 'weight') on every pruned module, then save_pretrained again."
+            if pruned
+            else " Save the model with save_pretrained from the model it was trained as."
+        )
+        raise ValueError(
+            f"--{role}_model {path}: its saved weights do not match its architecture ({len(missing)} missing, "
+            f"e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(mismatched)} of another "
+            f"shape): it would be audited with re-initialised weights.{hint}"
+        )
+    return model
+
+
+def saved_image_size(path: str) -> int | None:
+    """The image size a saved folder's image processor resizes to (None if unknown)."""
+    config = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        size = json.load(f).get("size")
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    return int(size) if isinstance(size, (int, float)) else None
+
+
+def check_same_architecture(dense, sparse, audit: AuditArguments) -> None:
+    """Refuse a dense model that is not the sparse model's architecture (names and shapes of every weight)."""
+    dense_shapes = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    sparse_shapes = {k: tuple(v.shape) for k, v in sparse.state_dict().items()}
+    if dense_shapes != sparse_shapes:
+        only = sorted(set(dense_shapes) ^ set(sparse_shapes))[:3]
+        shapes = [f"{k}: {dense_shapes[k]} vs {sparse_shapes[k]}" for k in dense_shapes.keys() & sparse_shapes.keys()
+                  if dense_shapes[k] != sparse_shapes[k]][:3]  # fmt: skip
+        raise ValueError(
+            f"--dense_model {audit.dense_model} is not the architecture of --sparse_model {audit.sparse_model} "
+            f"({type(dense).__name__} vs {type(sparse).__name__}; weights in one only, e.g. {only}; other "
+            f"shapes, e.g. {shapes}). Audit a model against the dense model it was pruned from."
+        )
+
+
+def check_image_size(audit: AuditArguments, script: DataArguments) -> None:
+    """Refuse an --image_size the models were not trained at (when their folders record one)."""
+    for role, path in (("dense", audit.dense_model), ("sparse", audit.sparse_model)):
+        trained = saved_image_size(path)
+        if trained is not None and trained != script.image_size:
+            raise ValueError(
+                f"--image_size {script.image_size}, but the {role} model was trained at {trained} px (its "
+                f"preprocessor_config.json): pass --image_size {trained}."
+            )
+
+
 def load_models(audit: AuditArguments):
-    """Both models, with a clear error when their label sets differ."""
-    dense = AutoModelForImageClassification.from_pretrained(audit.dense_model, use_safetensors=True)
-    sparse = AutoModelForImageClassification.from_pretrained(audit.sparse_model, use_safetensors=True)
+    """Both models, with a clear error when their label sets or architectures differ."""
+    dense = load_model(audit.dense_model, "dense")
+    sparse = load_model(audit.sparse_model, "sparse")
     dense_labels, sparse_labels = dense.config.id2label, sparse.config.id2label
     if dense.config.num_labels != sparse.config.num_labels or dense_labels != sparse_labels:
         raise ValueError(
@@ -58,6 +122,7 @@ def load_models(audit: AuditArguments):
             f"{sparse.config.num_labels} classes {list(sparse_labels.values())[:10]}. Audit a model against "
             "the dense model it was pruned from."
         )
+    check_same_architecture(dense, sparse, audit)
     return dense, sparse
 
 
@@ -95,15 +160,8 @@ def correct_predictions(model, dataset: datasets.Dataset, audit: AuditArguments)
     return torch.as_tensor(logits).argmax(-1) == torch.as_tensor(output.label_ids)
 
 
-def layer_sparsity(model) -> tuple[float, dict[str, float]]:
-    """Fraction of zeros over all conv/linear weights, and per layer."""
-    weights = prunable_parameters(model, keep_first_last_dense=False)
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
-    return zeros / total, {name: float((w == 0).float().mean()) for name, w in weights.items()}
-
-
 def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
+    check_image_size(audit, script)
     dense, sparse = load_models(audit)
     data, _ = load_data(script, config)
     index = GroupIndex.from_dataset(data["train"], audit.group_columns)
@@ -122,7 +180,9 @@ def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
             num_constrained_groups=index.num_groups,
             seed=audit.seed,
         )
-    sparsity, per_layer = layer_sparsity(sparse)
+    # the trainer's definition (the layers it prunes by default), so that the audit and the card agree
+    pruned_layers = prunable_parameters(sparse, keep_first_last_dense=True)
+    sparsity, per_layer = measured_sparsity(pruned_layers)
     report = build_report(
         method=audit.method_name,
         tolerance=audit.tolerance,
@@ -132,6 +192,8 @@ def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
         audited_model=audit.sparse_model,
         dense_model=audit.dense_model,
         group_columns=list(index.columns),
+        sparsity_definition=sparsity_definition(True, len(pruned_layers)),
+        sparsity_all_conv_linear=measured_sparsity(prunable_parameters(sparse, keep_first_last_dense=False))[0],
         layer_sparsity=per_layer,
     )
     architecture = getattr(sparse.config, "architecture", None)

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -200,4 +201,31 @@ def test_audit_refuses_bad_input(tmp_path, digits):
         audit.main(["--dense_model", dense, "--sparse_model", sparse, "--group_columns", "skin", *common])
     with pytest.raises(ValueError, match=r"cannot take the data's images of shape \(1, 8, 8\) .*image_size=16"):
         audit.main(["--dense_model", dense, "--sparse_model", sparse, "--image_size", "8", *common])
+
+    # a folder whose image processor records the size it was trained at: another --image_size is refused
+    sized = tmp_path / "sized"
+    shutil.copytree(sparse, sized)
+    (sized / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 16, "width": 16}}))
+    with pytest.raises(
+        ValueError, match="--image_size 12, but the sparse model was trained at 16 px.*--image_size 16"
+    ):
+        audit.main(["--dense_model", dense, "--sparse_model", str(sized), "--image_size", "12", *common])
+
+    # a dense model of another architecture (same labels)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "wide")
+    with pytest.raises(
+        ValueError, match="is not the architecture of --sparse_model .*shapes, e.g. .*16.* vs .*32"
+    ):
+        audit.main(["--dense_model", str(tmp_path / "wide"), "--sparse_model", sparse, *common])
+
+    # a sparse folder saved from torch.nn.utils.prune without prune.remove: its weights would not load
+    model = ViTForImageClassification.from_pretrained(sparse)
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model.classifier, "weight", amount=0.5)
+    model.save_pretrained(tmp_path / "reparametrised")
+    with pytest.raises(ValueError, match="weight_orig.*re-initialised weights.*prune.remove"):
+        audit.main(["--dense_model", dense, "--sparse_model", str(tmp_path / "reparametrised"), *common])
     assert not os.path.exists(tmp_path / "audit" / "report.json")

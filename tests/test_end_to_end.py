@@ -60,7 +60,12 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
             "imbalanced",
         ]
     )
-    assert audited["splits"] == json.loads((out / "ceag" / "report.json").read_text())["splits"]
+    trained = json.loads((out / "ceag" / "report.json").read_text())
+    assert audited["splits"] == trained["splits"]
+    # one sparsity, one definition: the audit counts the layers the trainer pruned
+    assert audited["sparsity"] == pytest.approx(trained["sparsity"], abs=1e-12)
+    assert audited["sparsity_definition"] == trained["sparsity_definition"]
+    assert audited["sparsity_all_conv_linear"] < audited["sparsity"]  # the first and last layers are dense
 
     # a second run reuses the dense model; one that asks for other data or another model is refused, and the
     # dense folder is left as it was

@@ -112,3 +112,26 @@ def test_results_table_is_the_benchmarks_part_0_summary():
     part0 = benchmarks[benchmarks.index("## 0. ") : benchmarks.index("## 1. ")]
     assert "\n".join(table) in part0
     assert re.search(r"at commit [0-9a-f]{7}", block)
+
+
+def test_benchmark_commands_parse():
+    """The README's benchmark lines (the GPU ones cannot run here) name flags the script has."""
+    from scripts import benchmark
+
+    lines = [
+        line
+        for block in code_blocks("bash")
+        for line in block.splitlines()
+        if line.startswith("python scripts/benchmark.py")
+    ]
+    from hf_ceag import CEAGConfig
+    from scripts.run_ceag import ScriptArguments
+
+    fields = set(CEAGConfig.__dataclass_fields__) | set(ScriptArguments.__dataclass_fields__)
+    assert len(lines) >= 3
+    for line in lines:
+        _, extra = benchmark.parse_settings(line.split()[2:])  # the benchmark's own flags
+        unknown = [f for f in extra if f.startswith("--") and f[2:] not in fields]  # the rest go to the recipe
+        assert not unknown, (line, unknown)
+    assert any("--device_section" in line for line in lines)
+    assert any("--merge_device_section" in line for line in lines)
