@@ -435,9 +435,8 @@ class CEAGTrainer(Trainer):
         if dual.lagrangian is None:
             return
         self._multipliers_before_step = self.problem.multiplier.weight.detach().clone()
-        self._dual_step_moved = (
-            self.problem.ready.any().long()
-        )  # no group ready: λ stays put, the step is not counted
+        # with no group ready, λ stays put and the step is not counted
+        self._dual_step_moved = self.problem.ready.any().long()
         self.dual_optimizer.zero_grad(set_to_none=True)
         dual.lagrangian.backward()
         self.dual_optimizer.step()
