@@ -213,7 +213,7 @@ def greedy_select_layers(
     values per weight of working memory on top of the inputs (orders and a concatenated copy).
     """
     masks: list[torch.Tensor | None] = [None] * len(layers)
-    pending = [i for i in range(len(layers))]
+    pending = list(range(len(layers)))
     window = 2 * max(chunks, default=1)
     while pending:
         longest = max(layers[i].shape[1] for i in pending)
@@ -222,10 +222,11 @@ def greedy_select_layers(
             [layers[i] for i in pending], [keeps[i] for i in pending], [shares[i] for i in pending],
             [chunks[i] for i in pending], window,
         )  # fmt: skip
-        for i, kept, was_short in zip(pending, selected, short.tolist()):  # the one read per pass
+        short = short.tolist()  # the one read per pass
+        for i, kept, was_short in zip(pending, selected, short):
             if not was_short:
                 masks[i] = kept
-        pending = [i for i, was_short in zip(pending, short.tolist()) if was_short]
+        pending = [i for i, was_short in zip(pending, short) if was_short]
         window *= 4
     return masks
 
