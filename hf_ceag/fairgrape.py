@@ -200,78 +200,108 @@ def _next_unkept(row: torch.Tensor, kept: torch.Tensor, start: int, take: int) -
 
 
 def greedy_select_layers(
-    layers: Sequence[torch.Tensor], keeps: Sequence[int], shares: Sequence[torch.Tensor], chunks: Sequence[int]
+    layers: Sequence[torch.Tensor],
+    keeps: Sequence[int],
+    shares: Sequence[torch.Tensor],
+    chunks: Sequence[int],
+    block: int = 32,
 ) -> list[torch.Tensor]:
     """`greedy_select` for several layers at once, in lockstep, with the same result.
 
-    Step t of every layer runs in the same few tensor operations over all layers, with no host-device
-    synchronisation inside the loop: each layer's group g* looks at a fixed window of the next W entries of
-    its order and keeps the first `take` not yet kept. A layer whose window ever held fewer (the other groups
-    had already kept most of it: group orders overlap) is selected again, with the other such layers, with a
-    window four times wider, until none runs short (a window as long as the layer never does). So the result
-    is always the exact chunked greedy's. Layers are `[G, n_l]` on one device; a pass costs about 2·(G + 1)
-    values per weight of working memory on top of the inputs (orders and a concatenated copy).
+    Step t of every layer runs in the same few tensor operations over all layers: each layer's group g* looks
+    at a window of the next W entries of its order and keeps the first `take` not yet kept. The steps run in
+    blocks of `block`, with no host-device synchronisation inside a block and one flag read after it. If some
+    layer's window held fewer than `take` free entries in that block (the other groups had already kept most
+    of it: group orders overlap), the block is undone and run again with a window four times wider, which
+    stays for the rest of the selection; a window as long as the longest layer never runs short. So the result
+    is always the exact chunked greedy's, in one pass. Layers are `[G, n_l]` on one device; the selection holds
+    about 12·G + 1 bytes per weight on top of them: each group's order (int64) and a float32 copy of the
+    importance, and the kept flags.
     """
-    masks: list[torch.Tensor | None] = [None] * len(layers)
-    pending = list(range(len(layers)))
-    window = 2 * max(chunks, default=1)
-    while pending:
-        longest = max(layers[i].shape[1] for i in pending)
-        window = min(window, longest)
-        selected, short = _lockstep_pass(
-            [layers[i] for i in pending], [keeps[i] for i in pending], [shares[i] for i in pending],
-            [chunks[i] for i in pending], window,
-        )  # fmt: skip
-        short = short.tolist()  # the one read per pass
-        for i, kept, was_short in zip(pending, selected, short):
-            if not was_short:
-                masks[i] = kept
-        pending = [i for i, was_short in zip(pending, short) if was_short]
-        window *= 4
-    return masks
+    if not layers:
+        return []
+    lockstep = _Lockstep(layers, keeps, shares, chunks)
+    window = min(2 * max(chunks), lockstep.longest)
+    step = 0
+    while step < lockstep.steps:
+        stop = min(step + block, lockstep.steps)
+        saved = lockstep.save() if window < lockstep.longest else None
+        short = lockstep.run(step, stop, window)
+        if saved is not None and bool(short):  # the one read per block
+            lockstep.restore(saved)
+            window = min(4 * window, lockstep.longest)
+            continue
+        step = stop
+    return lockstep.masks()
 
 
-def _lockstep_pass(layers, keeps, shares, chunks, window) -> tuple[list[torch.Tensor], torch.Tensor]:
-    device, num_groups = layers[0].device, layers[0].shape[0]
-    sizes = [layer.shape[1] for layer in layers]
-    num_layers, total = len(layers), sum(sizes)
-    starts = [0, *itertools.accumulate(sizes[:-1])]
-    offsets = torch.tensor(starts, device=device)
-    size_t = torch.tensor(sizes, device=device)
-    keep_t = torch.tensor(list(keeps), device=device)
-    chunk_t = torch.tensor(list(chunks), device=device)
-    rows_of = torch.cat([layer.float().T for layer in layers]).contiguous()  # [total, G]: one row per weight
-    order = torch.cat(
-        [torch.sort(layer, dim=1, descending=True, stable=True).indices + offset
-         for layer, offset in zip(layers, starts)],
-        dim=1,
-    )  # fmt: skip
-    target = torch.stack([share.to(device, torch.float64) for share in shares])  # [L, G]
-    steps = max(math.ceil(k / c) if k else 0 for k, c in zip(keeps, chunks))
-    kept = torch.zeros(total, dtype=torch.uint8, device=device)
-    start = torch.zeros(num_layers, num_groups, dtype=torch.long, device=device)
-    retained = torch.zeros(num_layers, num_groups, dtype=torch.float64, device=device)
-    short = torch.zeros(num_layers, dtype=torch.bool, device=device)
-    rows = torch.arange(num_layers, device=device)
-    positions = torch.arange(window, device=device)
-    tiny = torch.finfo(torch.float64).tiny
-    for step in range(steps):
-        take = (keep_t - step * chunk_t).clamp(min=0).minimum(chunk_t)  # [L]; 0 once a layer is done
-        share = retained / retained.sum(dim=1, keepdim=True).clamp(min=tiny)
-        g = torch.argmax(target - share, dim=1)  # first maximum: lowest group index on ties
-        first = start[rows, g]
-        index = first[:, None] + positions  # [L, W] positions in g's order of each layer
-        inside = index < size_t[:, None]
-        candidates = order[g[:, None], offsets[:, None] + index.minimum(size_t[:, None] - 1)]
-        free = inside & (kept[candidates] == 0)
+class _Lockstep:
+    # The state of `greedy_select_layers`: every layer's weights side by side in one flat index space
+    # [0, total), plus one dummy entry (index `total`) that masked-out writes and gathers go to.
+
+    def __init__(self, layers, keeps, shares, chunks):
+        device, self.num_groups = layers[0].device, layers[0].shape[0]
+        self.sizes = [layer.shape[1] for layer in layers]
+        self.longest, self.total = max(self.sizes), sum(self.sizes)
+        starts = [0, *itertools.accumulate(self.sizes[:-1])]
+        num_layers = len(layers)
+        self.offsets = torch.tensor(starts, device=device)[:, None]
+        self.last = torch.tensor(self.sizes, device=device)[:, None] - 1
+        keep_t = torch.tensor(list(keeps), device=device)
+        chunk_t = torch.tensor(list(chunks), device=device)
+        self.steps = max((math.ceil(k / c) if k else 0 for k, c in zip(keeps, chunks)), default=0)
+        self.chunk = max(chunks)
+        counts = torch.arange(self.steps, device=device)[:, None] * chunk_t
+        self.takes = (keep_t - counts).clamp(min=0).minimum(chunk_t)  # [steps, L]; 0 once a layer is done
+        zero_row = torch.zeros(1, self.num_groups, device=device)
+        self.rows_of = torch.cat([*(layer.float().T for layer in layers), zero_row])  # [total + 1, G]
+        order = torch.full((self.num_groups, self.total), self.total, dtype=torch.long, device=device)
+        for layer, offset in zip(layers, starts):
+            sorted_ids = torch.sort(layer, dim=1, descending=True, stable=True).indices
+            order[:, offset : offset + layer.shape[1]] = sorted_ids + offset
+        self.order = order.view(-1)  # group g's order of layer l at g * total + offsets[l] + position
+        self.target = torch.stack([share.to(device, torch.float64) for share in shares])  # [L, G]
+        self.kept = torch.zeros(self.total + 1, dtype=torch.bool, device=device)
+        self.start = torch.zeros(num_layers, self.num_groups, dtype=torch.long, device=device)
+        self.retained = torch.zeros(num_layers, self.num_groups, dtype=torch.float64, device=device)
+        self.positions = torch.arange(self.longest, device=device)
+        self.tiny = torch.finfo(torch.float64).tiny
+
+    def save(self):
+        return self.kept.clone(), self.start.clone(), self.retained.clone()
+
+    def restore(self, saved) -> None:
+        for tensor, copy in zip((self.kept, self.start, self.retained), saved):
+            tensor.copy_(copy)
+
+    def run(self, begin: int, end: int, window: int) -> torch.Tensor:
+        short = torch.zeros((), dtype=torch.bool, device=self.kept.device)
+        for step in range(begin, end):
+            short |= self._step(self.takes[step][:, None], window)
+        return short
+
+    def _step(self, take: torch.Tensor, window: int) -> torch.Tensor:
+        share = self.retained / self.retained.sum(dim=1, keepdim=True).clamp(min=self.tiny)
+        g = torch.argmax(self.target - share, dim=1, keepdim=True)  # first maximum: lowest group index on ties
+        first = self.start.gather(1, g)  # [L, 1]
+        index = first + self.positions[:window]  # [L, W] positions in g's order of each layer
+        inside = index <= self.last
+        candidates = self.order[g * self.total + self.offsets + index.minimum(self.last)]
+        free = inside & ~self.kept[candidates]
         taken = free.cumsum(dim=1)
-        chosen = free & (taken <= take[:, None])
-        short |= taken[:, -1] < take
-        kept.scatter_reduce_(0, candidates.flatten(), chosen.flatten().to(torch.uint8), reduce="amax")
-        retained += (rows_of[candidates] * chosen[..., None]).sum(dim=1, dtype=torch.float64)  # [L, G]
-        last = (taken < take[:, None]).sum(dim=1)  # window index of the take-th free entry
-        start[rows, g] = torch.where(take > 0, first + last + 1, first)
-    return list(kept.bool().split(sizes)), short
+        chosen = free & (taken <= take)
+        self.kept.index_put_((torch.where(chosen, candidates, self.total),), self.kept.new_ones(()))
+        # the chosen weights, compacted to [L, chunk] slots in the order taken (the spare slot collects the rest)
+        slot = torch.where(chosen, taken - 1, self.chunk)
+        picked = torch.full((len(self.sizes), self.chunk + 1), self.total, device=slot.device)
+        picked.scatter_(1, slot, candidates)
+        self.retained += self.rows_of[picked[:, : self.chunk]].sum(dim=1, dtype=torch.float64)
+        reached = (taken < take).sum(dim=1, keepdim=True)  # window index of the take-th free entry
+        self.start.scatter_(1, g, torch.where(take > 0, first + reached + 1, first))
+        return (taken[:, -1:] < take).any()
+
+    def masks(self) -> list[torch.Tensor]:
+        return list(self.kept[: self.total].split(self.sizes))
 
 
 def fairgrape_masks(
@@ -279,7 +309,7 @@ def fairgrape_masks(
     sparsity: float,
     current_masks: Mapping[str, torch.Tensor],
     chunk_fraction: float = 1e-3,
-    max_batch_values: int = 2**28,
+    max_batch_values: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """New masks (True = kept, shaped like each weight) pruning every layer to `sparsity` with `greedy_select`.
 
@@ -291,9 +321,10 @@ def fairgrape_masks(
 
     On an accelerator the layers are selected together (`greedy_select_layers`), in batches of at most
     `max_batch_values` importance values (groups × weights), so that a round costs about a thousand steps of a
-    few kernel launches each, not a thousand per layer, each reading values back to the host. On the CPU, where
-    reading back is free and gathers from large tensors are not, one layer at a time (`greedy_select`). Both
-    give the same masks.
+    few kernel launches each, not a thousand per layer, each reading values back to the host. By default a
+    batch may use a quarter of the GPU memory free when selection starts (at 12 bytes per value, see
+    `greedy_select_layers`), or 2**28 values elsewhere. On the CPU, where reading back is free and gathers from
+    large tensors are not, one layer at a time (`greedy_select`). Both give the same masks.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"fairgrape_masks: sparsity must be in [0, 1), got {sparsity}.")
@@ -320,7 +351,12 @@ def fairgrape_masks(
                 f"that sparsity {sparsity} asks for; pruned weights never come back, so ask for a sparsity at "
                 "least the current one."
             )
-        selected[name] = (candidates, scores.reshape(scores.shape[0], -1)[:, candidates].float(), keep)
+        layer = scores.reshape(scores.shape[0], -1)
+        if candidates.numel() < current.numel():  # else every weight is a candidate: no copy
+            layer = layer[:, candidates]
+        selected[name] = (candidates, layer.float(), keep)
+    if max_batch_values is None:
+        max_batch_values = _default_batch_values(next(iter(selected.values()))[1].device)
     batches, batch, values = [], [], 0
     for name, (_, layer, _) in selected.items():
         if batch and values + layer.numel() > max_batch_values:
@@ -347,6 +383,13 @@ def fairgrape_masks(
             mask[candidates[kept]] = True
             masks[name] = mask.view(current.shape).to(current.device)
     return masks
+
+
+def _default_batch_values(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(2**20, free // 4 // 12)
+    return 2**28
 
 
 def geometric_sparsities(target_sparsity: float, rounds: int) -> list[float]:

@@ -218,8 +218,8 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 def test_layers_selected_in_lockstep_equal_the_greedy_one_layer_at_a_time(device):
     """`greedy_select_layers` (the accelerator path) against `greedy_select`, the reference loop: random layers
     of several sizes, keeps and chunks (including keep 0, keep n and chunk 1), and one layer built so that the
-    lockstep window runs short (the later groups' orders are entirely taken by the first group's), which must
-    fall back to the reference."""
+    lockstep window runs short (the later groups' orders are entirely taken by the first group's), so that blocks
+    of steps are undone and rerun with a wider window."""
     generator = torch.Generator().manual_seed(0)
     layers, keeps, chunks = [], [], []
     for n, keep, chunk in ((1, 0, 1), (7, 7, 2), (300, 40, 1), (2000, 500, 5), (2000, 1200, 25), (97, 30, 3)):
@@ -231,11 +231,12 @@ def test_layers_selected_in_lockstep_equal_the_greedy_one_layer_at_a_time(device
     keeps.append(150)
     chunks.append(1)
     shares = [target_shares({"l": layer})["l"] for layer in layers]
-    fast = greedy_select_layers([layer.to(device) for layer in layers], keeps, shares, chunks)
-    for i, (layer, keep, share, chunk) in enumerate(zip(layers, keeps, shares, chunks)):
-        expected = greedy_select(layer, keep, share, chunk=chunk)
-        assert torch.equal(fast[i].cpu(), expected), i
-        assert int(fast[i].sum()) == keep
+    expected = [greedy_select(*args[:3], chunk=args[3]) for args in zip(layers, keeps, shares, chunks)]
+    for block in (1, 7, 32, 10_000):  # blocks undone and rerun at any step, or never
+        fast = greedy_select_layers([layer.to(device) for layer in layers], keeps, shares, chunks, block=block)
+        for i, keep in enumerate(keeps):
+            assert torch.equal(fast[i].cpu(), expected[i]), (block, i)
+            assert int(fast[i].sum()) == keep
 
 
 def test_greedy_equalises_retained_shares_where_magnitude_pruning_starves_a_group():
