@@ -289,7 +289,7 @@ class CEAGTrainer(Trainer):
         model.eval()
         logits, labels = [], []
         progress = not self.args.disable_tqdm and self.is_local_process_zero()
-        for batch in tqdm(self.get_eval_dataloader(dataset), desc=prefix, disable=not progress, leave=False):
+        for batch in tqdm(self._every_row_dataloader(dataset), desc=prefix, disable=not progress, leave=False):
             batch = self._prepare_inputs(batch)
             target = next(batch[k] for k in LABEL_COLUMNS if k in batch)
             inputs = {k: v for k, v in batch.items() if k not in self._not_model_inputs}
@@ -302,6 +302,15 @@ class CEAGTrainer(Trainer):
         model.train(was_training)
         groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
         return torch.cat(logits), torch.cat(labels).long(), groups
+
+    def _every_row_dataloader(self, dataset: datasets.Dataset):
+        # The Trainer's eval loader drops the last partial batch too when `dataloader_drop_last` is set (meant
+        # for training); reference, reports and audits need every row.
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return self.get_eval_dataloader(dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     @property
     def _not_model_inputs(self) -> tuple[str, ...]:

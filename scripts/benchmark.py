@@ -694,11 +694,12 @@ def overhead(settings, context: dict, work: str) -> dict[str, Any]:
         mitigation = "ceag" if kind.startswith("ceag") else "none"
         compiled = {"torch_compile": True} if kind.endswith("+compile") else {}
         return fine_tune_args(
-            config, os.path.join(work, "overhead", kind), steps, sparsity, mitigation, **compiled
-        )
+            config, os.path.join(work, "overhead", kind), steps, sparsity, mitigation,
+            dataloader_drop_last=True, **compiled,
+        )  # fmt: skip
 
     kinds = OVERHEAD_KINDS + (COMPILED_KINDS if settings.torch_compile_kinds else ())
-    for kind in kinds:
+    for kind in OVERHEAD_KINDS:
         train_timed(kind, model, args_for(kind, settings.warmup_steps + 2), train, settings.warmup_steps)
     times = {kind: [] for kind in kinds}
     for repeat in range(settings.repeats):
@@ -1049,13 +1050,19 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
     intro = (
         f"The same pruned model (the first dense model above, magnitude-pruned layer-wise to "
         f"{over['sparsity']:.0%}), the same {over['rows']} training rows, batch {over['batch']}, "
-        f"{settings.overhead_steps} optimizer steps per run. NFT and CEAG reach the target sparsity at step 0; "
+        f"{settings.overhead_steps} optimizer steps per run, every batch full (`dataloader_drop_last`). NFT and "
+        "CEAG reach the target sparsity at step 0; "
         f"CEAG's constraints are on from step 0 (buffer {over['buffer_size']}, one dual step per step). Timed "
         f"with a `TrainerCallback` from the end of step {settings.warmup_steps} to the end of the last step: the "
         "training loop only — not the dense-reference pass `CEAGTrainer` makes before training, nor trainer "
-        f"set-up. One untimed warm-up run per configuration, then {settings.repeats} round(s) with the three "
-        "interleaved (order rotated); medians."
+        f"set-up. One untimed warm-up run per configuration, then {settings.repeats} round(s) with the "
+        "configurations interleaved (order rotated); medians."
     )
+    if any(kind.endswith("+compile") for kind in over["median"]):
+        intro += (
+            " With `--torch_compile true` the untimed steps at the start of each run hold the compilation, so "
+            "those configurations have no warm-up run (the Trainer compiles the model again in every run)."
+        )
     lines = [
         "## 2. Overhead per step",
         "",

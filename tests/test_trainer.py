@@ -110,6 +110,19 @@ def test_bad_input_is_refused_before_training(tiny_model, digits, make_config):
     assert not os.path.exists(os.path.join(trainer.args.output_dir, REFERENCE_FILE))
 
 
+def test_dataloader_drop_last_still_scores_every_row(tiny_model, digits, make_config):
+    """`dataloader_drop_last` drops partial training batches only: the dense reference, the report and the
+    evaluation count every row (the Trainer's eval loader would drop the last partial batch too)."""
+    train, test = digits["train"], digits["test"]
+    assert len(train) % 32 and len(test) % 256  # both splits end in a partial batch
+    config = make_config(max_steps=4, pruning_end_epoch=0.0, mitigate_during_pruning=True, dataloader_drop_last=True)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=train, eval_dataset=test)
+    trainer.train()
+    assert trainer.dense_correct["train"].numel() == len(train)
+    assert trainer.dense_correct["eval"].numel() == len(test)
+    assert sum(trainer.dense_reference.group_counts) == len(train)
+
+
 def test_small_groups_warn_with_their_names(tiny_model, digits, make_config):
     with pytest.warns(
         UserWarning, match=r"\['3 \(n=27\)', '8 \(n=26\)'\] have fewer training samples than buffer_size=40"
