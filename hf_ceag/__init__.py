@@ -25,12 +25,12 @@ EXCESS_ACCURACY_GAP_METRIC = str(Path(__file__).parent / "metrics" / "excess_acc
 """Path of the shipped `evaluate` metric: `evaluate.load(hf_ceag.EXCESS_ACCURACY_GAP_METRIC)` works offline."""
 
 __all__ = [
+    "EXCESS_ACCURACY_GAP_METRIC",
     "GROUP_ID_COLUMN",
     "CEAGConfig",
     "CEAGTrainer",
     "CubicSchedule",
     "DenseReference",
-    "EXCESS_ACCURACY_GAP_METRIC",
     "EqualizedLossProblem",
     "ExcessAccuracyGapProblem",
     "GroupIndex",

@@ -169,13 +169,14 @@ class CEAGConfig(TrainingArguments):
                 f"{self.pruning_start_epoch}."
             )
         end = self.resolved_pruning_end_epoch
-        if self.mitigation != "none" and not self.mitigate_during_pruning and self.max_steps <= 0:
-            if end >= self.num_train_epochs:  # with max_steps, the trainer checks the same in steps
-                raise ValueError(
-                    f"mitigation={self.mitigation!r}: pruning_end_epoch={end:g} is not before num_train_epochs="
-                    f"{self.num_train_epochs:g}, so the constraints would never be on and the run would be NFT "
-                    "under another name. Lower pruning_end_epoch, train longer, or set mitigate_during_pruning."
-                )
+        constrained_phase = self.mitigation != "none" and not self.mitigate_during_pruning
+        if constrained_phase and self.max_steps <= 0 and end >= self.num_train_epochs:
+            # with max_steps, the trainer checks the same in steps
+            raise ValueError(
+                f"mitigation={self.mitigation!r}: pruning_end_epoch={end:g} is not before num_train_epochs="
+                f"{self.num_train_epochs:g}, so the constraints would never be on and the run would be NFT "
+                "under another name. Lower pruning_end_epoch, train longer, or set mitigate_during_pruning."
+            )
         if isinstance(self.group_columns, str):
             self.group_columns = [self.group_columns]
         if not self.group_columns or any(not isinstance(c, str) or not c for c in self.group_columns):

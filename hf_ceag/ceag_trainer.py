@@ -121,8 +121,10 @@ class CEAGTrainer(Trainer):
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
         # refuses a model without prunable layers, still before any training.
         self.pruner = MagnitudePruner(
-            prunable_parameters(self.model, config.keep_first_last_dense), config.pruning_scope
-        )
+            prunable_parameters(self.model, config.keep_first_last_dense),
+            config.pruning_scope,
+            gradient_hooks=False,
+        )  # `training_step` masks the gradients, in one fused call
         self.dense_reference = dense_reference
         train_groups = self.group_index.names[: self.group_index.num_groups]
         if dense_reference is not None and dense_reference.group_names != train_groups:
@@ -378,6 +380,13 @@ class CEAGTrainer(Trainer):
         return self.args.mitigate_during_pruning or self.state.global_step >= self.schedule.end
 
     # ---- the step ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """`Trainer.training_step` (forward, backward), then the pruned weights' gradients zeroed: before the
+        Trainer clips them or the optimizer reads them."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.pruner.mask_gradients()
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         """Mean cross-entropy; while training, the primal Lagrangian after this step's dual update."""

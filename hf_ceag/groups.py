@@ -8,6 +8,7 @@ and groups it holds that training lacks get ids after the training groups (they 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ def check_group_columns(dataset: datasets.Dataset, columns: Sequence[str], split
                 f"e.g. --group_columns {available[-1] if available else '<column>'}."
             )
         values = _column_values(dataset, column)
-        nulls = sum(v is None or (isinstance(v, float) and v != v) for v in values)  # v != v: NaN
+        nulls = sum(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
         if nulls:
             raise ValueError(
                 f"group_columns: column {column!r} of the {split} dataset has {nulls} null or NaN value(s). "

@@ -105,9 +105,19 @@ class MagnitudePruner:
     """Holds one boolean mask per prunable weight (True = kept) and enforces it.
 
     `scope="layerwise"` prunes every layer to the same fraction; `scope="global"` ranks all weights together.
+    Pruned weights get no gradient: with `gradient_hooks=True` a tensor hook per weight masks each gradient as
+    autograd produces it; with False the caller masks them all in one fused call, `mask_gradients()`, after
+    each backward pass and before anything reads them (clipping, the optimizer) — what `CEAGTrainer` does.
+    Once pruning starts, each mask is also kept in its weight's dtype (as `torch.nn.utils.prune` keeps its
+    `weight_mask`): multiplying by it is one fused call, where a boolean factor takes a slow casting path.
     """
 
-    def __init__(self, parameters: dict[str, nn.Parameter], scope: Literal["layerwise", "global"]) -> None:
+    def __init__(
+        self,
+        parameters: dict[str, nn.Parameter],
+        scope: Literal["layerwise", "global"],
+        gradient_hooks: bool = True,
+    ) -> None:
         if not parameters:
             raise ValueError(
                 "The model has no prunable layers (Conv or Linear weights) left to prune. "
@@ -120,9 +130,11 @@ class MagnitudePruner:
         self.scope = scope
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in parameters.items()}
         self._pruned = False  # until the first pruning, every mask is all True and the gradient hooks idle
+        self._factors: list[torch.Tensor] = []  # the masks in their weights' dtypes, once pruned
         self._hooked: set[int] = set()
-        for name, p in parameters.items():
-            p.register_hook(self._gradient_mask(name))
+        if gradient_hooks:
+            for name, p in parameters.items():
+                p.register_hook(self._gradient_mask(name))
 
     def _gradient_mask(self, name: str):
         # Looks the mask up at call time: pruning replaces the mask tensors.
@@ -155,18 +167,34 @@ class MagnitudePruner:
             keep[_smallest(flat, round(sparsity * flat.numel()))] = False
             for name, chunk in zip(scores, keep.split([s.numel() for s in scores.values()])):
                 self.masks[name] = chunk.view_as(scores[name])
-        self._pruned = True
+        self._masks_changed(pruned=True)
+
+    def _masks_changed(self, pruned: bool) -> None:
+        self._pruned = pruned
+        self._factors = [self.masks[name].to(p.dtype) for name, p in self.parameters.items()] if pruned else []
         self.apply_masks()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero the pruned weights in place."""
-        for name, p in self.parameters.items():
-            p.mul_(self.masks[name])
+        """Zero the pruned weights in place (nothing to do before pruning)."""
+        if self._pruned:
+            torch._foreach_mul_(list(self.parameters.values()), self._factors)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the pruned weights' gradients in place, in one fused call (nothing to do before pruning)."""
+        if not self._pruned:
+            return
+        pairs = [
+            (p.grad, factor) for p, factor in zip(self.parameters.values(), self._factors) if p.grad is not None
+        ]
+        if pairs:
+            grads, factors = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(factors))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the pruned weights after every `optimizer.step()` (idempotent). Their gradients are already
-        zero: the tensor hooks installed at construction mask them as autograd produces them."""
+        zero (the tensor hooks, or `mask_gradients()`)."""
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         if id(optimizer) in self._hooked:
             return
@@ -192,5 +220,4 @@ class MagnitudePruner:
             raise ValueError(f"Pruning masks missing for {sorted(missing)}: the checkpoint is for another model.")
         for name in self.masks:
             self.masks[name] = state[name].to(self.masks[name].device, torch.bool)
-        self._pruned = not all(bool(mask.all()) for mask in self.masks.values())
-        self.apply_masks()
+        self._masks_changed(pruned=not all(bool(mask.all()) for mask in self.masks.values()))
