@@ -42,9 +42,7 @@ def load_digits_dataset(
     if bad:
         raise ValueError(f"rare_groups={list(rare_groups)}: {bad} are not digits 0-9.")
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = ((images - DIGITS_MEAN) / DIGITS_STD).numpy()
+    images = digits_pixel_values(digits.images, image_size).numpy()
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels
@@ -74,14 +72,24 @@ def load_digits_dataset(
     return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
 
 
+def digits_pixel_values(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """`pixel_values` `[n, 1, size, size]` of scikit-learn digit images `[n, 8, 8]` (values 0-16): scaled to
+    [0, 1], upsampled (bilinear), normalised with the digits' moments."""
+    pixels = torch.tensor(np.asarray(images), dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (pixels - DIGITS_MEAN) / DIGITS_STD
+
+
 def _image_transform(image_column: str, image_size: int, channels: int):
     from torchvision.transforms import v2
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    # Resized as a PIL image (bilinear), as timm's eval transform and transformers' image processors resize: the
+    # saved folder's `pipeline` then sees exactly the pixel values the model was trained on.
     pipeline = v2.Compose(
         [
+            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR),
             v2.PILToTensor(),
-            v2.Resize((image_size, image_size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
         ]

@@ -39,6 +39,7 @@ from hf_ceag import (
     load_styled_digits_dataset,
 )
 from hf_ceag.groups import check_group_columns
+from hf_ceag.models import make_timm_loadable
 from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.cifar_resnet)
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
@@ -208,9 +209,12 @@ def _reusable_dense(dense_dir: str, wanted: dict) -> bool:
     return True
 
 
-def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.DatasetDict, channels: int):
+def dense_model(
+    script: ScriptArguments, config: CEAGConfig, data: datasets.DatasetDict, channels: int, processor=None
+) -> str:
     """The dense model folder: `--model_name_or_path` if it is a folder; else `OUTPUT_DIR/dense`, reused if an
-    earlier run made it from the same data, model and seed (refused if not), or trained and saved there."""
+    earlier run made it from the same data, model and seed (refused if not), or trained and saved there with
+    its image processor (so that `pipeline` and timm load it as the sparse folders)."""
     if os.path.isdir(script.model_name_or_path):
         return script.model_name_or_path
     dense_dir = os.path.join(config.output_dir, "dense")
@@ -237,10 +241,13 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
-    trainer = Trainer(model=model, args=dense_args, train_dataset=train, callbacks=[NonFiniteGuard()])
+    trainer = Trainer(
+        model=model, args=dense_args, train_dataset=train, processing_class=processor, callbacks=[NonFiniteGuard()]
+    )
     trainer.train()
     trainer.save_model(dense_dir)
     if trainer.is_world_process_zero():
+        make_timm_loadable(dense_dir, model)
         with open(os.path.join(dense_dir, DENSE_RECORD), "w") as f:
             json.dump(provenance, f, indent=2)
     trainer.accelerator.wait_for_everyone()  # every process loads this folder next
@@ -396,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     data, channels = load_data(script, config)
     for split, dataset in data.items():  # a misspelt or incomplete group column fails here, not after training
         check_group_columns(dataset, config.group_columns, split)
-    dense_dir = dense_model(script, config, data, channels)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
+    dense_dir = dense_model(script, config, data, channels, processor)
     reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}
     if config.process_index == 0:
         for name, report in reports.items():

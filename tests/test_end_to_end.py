@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
@@ -14,7 +15,7 @@ FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "4", "--num_train_ep
         "--buffer_size", "8", "--disable_tqdm", "true"]  # fmt: skip
 
 
-def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys):
+def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys, check_pipeline):
     out = tmp_path / "run"
     reports = run_ceag.main(["--output_dir", str(out), *FAST])
     printed = capsys.readouterr().out
@@ -66,6 +67,17 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     assert audited["sparsity"] == pytest.approx(trained["sparsity"], abs=1e-12)
     assert audited["sparsity_definition"] == trained["sparsity_definition"]
     assert audited["sparsity_all_conv_linear"] < audited["sparsity"]  # the first and last layers are dense
+
+    # transformers' pipeline gives each folder's own predictions on grayscale images (8-bit: pixel values within
+    # one grey level of the float digits); it used to crash (a 3-channel 160-px input for a 1-channel model)
+    from sklearn.datasets import load_digits
+
+    from hf_ceag.data import digits_pixel_values
+
+    digits = load_digits().images[:100]
+    images = [np.round(image * 255 / 16).astype(np.uint8)[:, :, None] for image in digits]
+    for name in ("dense", "ceag"):
+        check_pipeline(out / name, images, digits_pixel_values(digits, 16), atol=0.02)
 
     # a second run reuses the dense model; one that asks for other data or another model is refused, and the
     # dense folder is left as it was

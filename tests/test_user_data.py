@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hf_ceag import load_image_dataset
@@ -27,7 +28,7 @@ def make_images(root, n=48):
     return rows
 
 
-def test_imagefolder_end_to_end_through_the_cli(tmp_path):
+def test_imagefolder_end_to_end_through_the_cli(tmp_path, check_pipeline):
     rows = make_images(tmp_path / "images")
     with open(tmp_path / "images" / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file_name", "tone", "label_name"])
@@ -69,6 +70,16 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path):
     assert {g["name"] for g in report["splits"]["train"]["groups"]} == {"light", "dark"}
     assert sum(g["n"] for g in report["splits"]["test"]["groups"]) == report["splits"]["test"]["n"]
     assert (out / "dense" / "model.safetensors").exists() and (out / "ceag" / "model.safetensors").exists()
+
+    # both folders work with transformers' pipeline on the images themselves, with the pixel values (and so the
+    # predictions) the model was trained and evaluated on; it used to resize them to timm's default 160 px
+    data = load_image_dataset(
+        "imagefolder", ["tone"], label_column="label_name", data_dir=str(tmp_path / "images"), image_size=16
+    )
+    pixel_values = torch.stack([row["pixel_values"] for row in data["test"]])
+    images = data["test"].with_format(None)["image"]
+    for name in ("dense", "ceag"):
+        check_pipeline(out / name, images, pixel_values)
 
 
 def test_csv_of_image_paths_and_missing_columns(tmp_path):
