@@ -38,7 +38,8 @@ from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .model_card import build_model_card, violation_warning, write_model_folder_extras
-from .models import make_timm_loadable
+from .data import check_label_column
+from .models import classifier_logits, make_timm_loadable
 from .pruning import (
     CubicSchedule,
     MagnitudePruner,
@@ -295,7 +296,7 @@ class CEAGTrainer(Trainer):
             inputs = {k: v for k, v in batch.items() if k not in self._not_model_inputs}
             with self.accelerator.autocast():
                 outputs = model(**inputs)
-            batch_logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
+            batch_logits = classifier_logits(outputs, model).float()
             batch_logits, target = self.accelerator.gather_for_metrics((batch_logits, target))
             logits.append(batch_logits.cpu())
             labels.append(target.cpu())
@@ -377,7 +378,7 @@ class CEAGTrainer(Trainer):
             raise ValueError(f"CEAGTrainer: the batch has no labels (expected one of {LABEL_COLUMNS}).")
         group_ids = inputs.get(GROUP_ID_COLUMN)
         outputs = model(**{k: v for k, v in inputs.items() if k not in self._not_model_inputs})
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = classifier_logits(outputs, model)
         per_sample = F.cross_entropy(
             logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
         )
@@ -723,6 +724,7 @@ def _check_labels(dataset: datasets.Dataset, model, split: str) -> None:
             f"The {split} dataset has no label column (expected one of {LABEL_COLUMNS}); columns: "
             f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
         )
+    check_label_column(dataset, column, split)
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if num_labels is None:
         return

@@ -6,6 +6,7 @@ Every loader returns a `DatasetDict` with `train` and `test` splits whose rows g
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -70,6 +71,47 @@ def load_digits_dataset(
         return datasets.Dataset.from_dict(data, features=features).with_format("torch")
 
     return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
+
+
+def check_label_column(dataset: datasets.Dataset, column: str, split: str) -> None:
+    """Raise a ValueError naming the column, its type and the fix unless it holds integer class ids."""
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return
+    dtype = str(getattr(feature, "dtype", type(feature).__name__))
+    if dtype.startswith(("int", "uint")):
+        return
+    example = next(iter(dataset.with_format(None).select_columns([column]).take(1)), {}).get(column)
+    raise ValueError(
+        f"The {split} dataset's label column {column!r} holds {dtype} values (e.g. {example!r}), not class ids: "
+        "the classifier needs integers 0..num_labels-1. Encode class names with "
+        f"dataset.class_encode_column({column!r}) (a ClassLabel, which also names the classes), or cast whole-number "
+        f"values with dataset.cast_column({column!r}, datasets.Value('int64'))."
+    )
+
+
+def check_images(dataset: datasets.Dataset, image_column: str, split: str) -> None:
+    """Open every image of an `Image` column (header and, for PNG, the chunk checksums; no decoding) and raise a
+    ValueError naming the files that are not readable images, instead of a crash in the middle of training."""
+    if not isinstance(dataset.features.get(image_column), datasets.Image):
+        return
+    from PIL import Image
+
+    raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    for batch in raw.with_format(None).iter(batch_size=256):
+        for item in batch[image_column]:
+            source = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+            try:
+                with Image.open(source) as image:
+                    image.verify()
+            except (OSError, ValueError, SyntaxError) as error:
+                bad.append(f"{item.get('path') or '<embedded bytes>'} ({type(error).__name__}: {error})")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} image(s) of the {split} split cannot be read: {'; '.join(bad[:5])}. Replace or delete those "
+            "files (and their metadata rows), or drop their rows, e.g. with dataset.filter(...), and run again."
+        )
 
 
 def digits_pixel_values(images: np.ndarray, image_size: int) -> torch.Tensor:
@@ -142,6 +184,8 @@ def load_image_dataset(
                 f"Column(s) {missing} not in dataset {dataset_name!r}; available: {split.column_names}. "
                 "Set --image_column, --label_column and --group_columns to the dataset's names."
             )
+    for name, split in loaded.items():  # a corrupt file fails here, named, not as a traceback deep in training
+        check_images(split, image_column, name)
     if label_column != "label":
         loaded = loaded.rename_column(label_column, "label")
     label_feature = loaded["train"].features["label"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -69,6 +70,24 @@ def _timm_classifier(name, num_labels, id2label, label2id, channels, image_size)
             if "img_size" not in str(error):
                 raise
     raise AssertionError("unreachable")
+
+
+def classifier_logits(outputs, model: nn.Module) -> torch.Tensor:
+    """The `[batch, num_labels]` logits of a classifier's forward output (a `ModelOutput` or dict with `logits`, a
+    tuple whose first item they are, or the tensor itself); a ValueError naming the model class otherwise."""
+    if isinstance(outputs, dict):
+        if "logits" in outputs:
+            return outputs["logits"]
+        name = type(model).__name__
+        head = name.removesuffix("Model") + "ForImageClassification" if name.endswith("Model") else None
+        raise ValueError(
+            f"{name} returns {type(outputs).__name__} with {list(outputs.keys())} and no `logits`: hf-ceag prunes "
+            "classifiers whose forward returns `logits` of shape [batch, num_labels]. Use the model's "
+            "image-classification class (AutoModelForImageClassification"
+            + (f", e.g. {head}" if head else "")
+            + ") or wrap the model so that its forward returns logits."
+        )
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
 def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperForImageClassification:

@@ -238,6 +238,8 @@ def dense_model(
         mitigation="none",
         target_sparsity=0.0,
         hub_token=None,  # never pickled into the dense folder's training_args.bin
+        push_to_hub=False,  # --push_to_hub publishes the pruned models, not their dense parent
+        hub_model_id=None,
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
@@ -256,11 +258,15 @@ def dense_model(
     return dense_dir
 
 
-def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor) -> dict:
+def prune_with(
+    mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor, methods: list[str]
+) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
     report.json, the model card README.md with its plot, and run_config.json."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
-    args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
+    args = dataclasses.replace(
+        config, mitigation=mitigation, output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
+    )
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
@@ -282,6 +288,14 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
         with open(os.path.join(out, "run_config.json"), "w") as f:
             f.write(args.to_json_string())
     return report
+
+
+def hub_model_id(mitigation: str, config: CEAGConfig, methods: list[str]) -> str | None:
+    """The Hub repo of one method's model: `--hub_model_id`, suffixed with the method's folder name when several
+    methods run (so that NFT and CEAG do not overwrite each other in one repo)."""
+    if not config.hub_model_id or len(methods) <= 1:
+        return config.hub_model_id
+    return f"{config.hub_model_id}-{method_folder(mitigation, config)}"
 
 
 def method_folder(mitigation: str, config: CEAGConfig) -> str:
@@ -405,7 +419,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         check_group_columns(dataset, config.group_columns, split)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
     dense_dir = dense_model(script, config, data, channels, processor)
-    reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}
+    reports = {
+        method_folder(m, config): prune_with(m, dense_dir, config, data, processor, methods) for m in methods
+    }
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")

@@ -229,3 +229,26 @@ def test_audit_refuses_bad_input(tmp_path, digits):
     with pytest.raises(ValueError, match="weight_orig.*re-initialised weights.*prune.remove"):
         audit.main(["--dense_model", dense, "--sparse_model", str(tmp_path / "reparametrised"), *common])
     assert not os.path.exists(tmp_path / "audit" / "report.json")
+
+
+def test_push_to_hub_from_the_cli_publishes_only_the_pruned_model(tmp_path):
+    """`--push_to_hub true` used to create a Hub repo for the dense model too (with `--hub_model_id`, the same
+    repo, which it then uploaded the dense model to)."""
+    from scripts import run_ceag
+
+    created, uploaded = [], []
+    api = mock.MagicMock()
+    api.create_repo.side_effect = lambda repo_id, **kwargs: (
+        created.append(repo_id) or mock.MagicMock(repo_id=repo_id)
+    )
+    api.upload_folder.side_effect = lambda folder_path, **kwargs: uploaded.append(Path(folder_path).name)
+    out = tmp_path / "run"
+    fast = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_epochs", "2",
+            "--pruning_end_epoch", "1", "--disable_tqdm", "true", "--tolerance", "1.0"]  # fmt: skip
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        run_ceag.main(["--output_dir", str(out), *fast, "--methods", "none", "ceag", "--push_to_hub", "true",
+                       "--hub_model_id", "me/digits", "--hub_token", "hf_SECRETTOKEN123"])  # fmt: skip
+    assert created == ["me/digits-nft", "me/digits-ceag"]  # one repo per method, none for the dense model
+    assert uploaded and set(uploaded) == {"nft", "ceag"}
+    assert (out / "dense" / "model.safetensors").exists()
+    assert b"hf_SECRETTOKEN123" not in (out / "dense" / "training_args.bin").read_bytes()
