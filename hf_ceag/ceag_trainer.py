@@ -34,11 +34,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .data import check_label_column
 from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .model_card import build_model_card, violation_warning, write_model_folder_extras
-from .data import check_label_column
 from .models import classifier_logits, make_timm_loadable
 from .pruning import (
     CubicSchedule,
