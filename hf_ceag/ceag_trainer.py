@@ -38,7 +38,7 @@ from .data import check_label_column
 from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
-from .model_card import build_model_card, violation_warning, write_model_folder_extras
+from .model_card import build_model_card, model_card_details, violation_warning, write_model_folder_extras
 from .models import classifier_logits, make_timm_loadable
 from .pruning import (
     CubicSchedule,
@@ -144,6 +144,7 @@ class CEAGTrainer(Trainer):
         self.report: dict[str, Any] | None = None
         self.pruning_seconds = 0.0
         self.reproduce_command = ""
+        self.card_metadata: dict[str, Any] = {}  # defaults of create_model_card's keyword arguments (dataset, ...)
         self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
         self.add_callback(_PruningCallback(self))
         self.add_callback(NonFiniteGuard())
@@ -586,11 +587,14 @@ class CEAGTrainer(Trainer):
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.
 
         Keyword arguments of `Trainer.create_model_card` are accepted: `model_name`, `finetuned_from`
-        (the dense model's Hub id, shown as base model) and `dataset` (the dataset's Hub id)."""
+        (the dense model's Hub id, shown as base model), `dataset` (the dataset's Hub id) and `license`; those in
+        `self.card_metadata` are the defaults (also of the card `push_to_hub` writes)."""
         report = self.report if self.report is not None else self.group_report()
         if not self.is_world_process_zero():
             return
         folder = output_dir or self.args.output_dir
+        given = {k: v for k, v in {**self.card_metadata, **kwargs}.items() if v is not None}
+        kwargs = {**model_card_details(self.model, folder, self.pruner.parameters), **given}
         timm_architecture = getattr(getattr(self.model, "config", None), "architecture", None)
         card = build_model_card(
             report,
@@ -603,6 +607,7 @@ class CEAGTrainer(Trainer):
             command=self.reproduce_command,
             timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
             allow_violated_constraints=self._allow_violated_constraints,
+            **{k: kwargs[k] for k in ("license", "task", "grayscale", "layer_names", "with_processor")},
         )
         save_report(report, folder)
         write_model_folder_extras(report, card, folder)

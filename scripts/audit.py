@@ -28,7 +28,7 @@ from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
 
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
 from hf_ceag.groups import GROUP_ID_COLUMN  # noqa: E402
-from hf_ceag.model_card import build_model_card, write_model_folder_extras  # noqa: E402
+from hf_ceag.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
 from hf_ceag.pruning import measured_sparsity, sparsity_definition  # noqa: E402
 from hf_ceag.report import build_report, save_report, split_report  # noqa: E402
 
@@ -236,6 +236,7 @@ def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
         dataset_name=script.dataset_name,
         command=reproduce_command(sys.argv),
         timm_architecture=architecture if isinstance(architecture, str) else None,
+        **model_card_details(sparse, audit.sparse_model, pruned_layers),
     )
     save_report(report, audit.output_dir)
     write_model_folder_extras(report, card, audit.output_dir)

@@ -259,10 +259,16 @@ def dense_model(
 
 
 def prune_with(
-    mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor, methods: list[str]
+    mitigation: str,
+    dense_dir: str,
+    config: CEAGConfig,
+    data: datasets.DatasetDict,
+    processor,
+    methods: list[str],
+    dataset_name: str | None = None,
 ) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
-    report.json, the model card README.md with its plot, and run_config.json."""
+    report.json, the model card README.md with its plot (naming `dataset_name`), and run_config.json."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
     args = dataclasses.replace(
         config, mitigation=mitigation, output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
@@ -279,6 +285,7 @@ def prune_with(
         processing_class=processor,
     )
     trainer.reproduce_command = reproduce_command(sys.argv)
+    trainer.card_metadata["dataset"] = dataset_name
     start = time.time()
     trainer.train()
     report = trainer.group_report()
@@ -420,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
     dense_dir = dense_model(script, config, data, channels, processor)
     reports = {
-        method_folder(m, config): prune_with(m, dense_dir, config, data, processor, methods) for m in methods
+        method_folder(m, config): prune_with(m, dense_dir, config, data, processor, methods, script.dataset_name)
+        for m in methods
     }
     if config.process_index == 0:
         for name, report in reports.items():

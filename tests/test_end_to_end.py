@@ -46,6 +46,7 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     # the card a person reads on the Hub, and an audit from the folders alone giving the same report
     card = (out / "ceag" / "README.md").read_text()
     assert "## Verdict" in card and "10 judged groups" in card
+    assert str(tmp_path) not in card and "pruned from a dense model (local folder `dense`)" in card
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import audit
 
