@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
+from run_ceag import DataArguments, _has_accelerator, load_data, reproduce_command  # noqa: E402
 
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
 from hf_ceag.groups import GROUP_ID_COLUMN  # noqa: E402
@@ -178,6 +178,7 @@ def correct_predictions(model, dataset: datasets.Dataset, audit: AuditArguments)
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=False,
+        dataloader_pin_memory=_has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
     )
     rows = dataset.remove_columns(
         [c for c in audit.group_columns + [GROUP_ID_COLUMN] if c in dataset.column_names]

@@ -4,6 +4,7 @@ over seeds and thread counts by `scripts/benchmark.py` (BENCHMARKS.md, part 0), 
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,11 @@ FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "4", "--num_train_ep
 
 def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys, check_pipeline):
     out = tmp_path / "run"
-    reports = run_ceag.main(["--output_dir", str(out), *FAST])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, not only the first of each place
+        reports = run_ceag.main(["--output_dir", str(out), *FAST])
     printed = capsys.readouterr().out
+    assert not [w for w in caught if "pin_memory" in str(w.message)]  # the CLI sets what the machine needs
     nft, ceag = reports["nft"], reports["ceag"]
     for report in (nft, ceag):  # invariants of every run, whatever the float outcome
         for split in ("train", "test"):
@@ -50,18 +54,21 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import audit
 
-    audited = audit.main(
-        [
-            "--dense_model",
-            str(out / "dense"),
-            "--sparse_model",
-            str(out / "ceag"),
-            "--output_dir",
-            str(tmp_path / "a"),
-            "--digits_variant",
-            "imbalanced",
-        ]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        audited = audit.main(
+            [
+                "--dense_model",
+                str(out / "dense"),
+                "--sparse_model",
+                str(out / "ceag"),
+                "--output_dir",
+                str(tmp_path / "a"),
+                "--digits_variant",
+                "imbalanced",
+            ]
+        )
+    assert not [w for w in caught if "pin_memory" in str(w.message)]  # it used to warn at each of 4 passes
     trained = json.loads((out / "ceag" / "report.json").read_text())
     assert audited["splits"] == trained["splits"]
     # one sparsity, one definition: the audit counts the layers the trainer pruned
