@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
-from .data import check_label_column
+from .data import check_label_column, keep_columns_after_transform
 from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
@@ -174,6 +174,14 @@ class CEAGTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if GROUP_ID_COLUMN not in self._signature_columns:
             self._signature_columns.append(GROUP_ID_COLUMN)
+
+    def _remove_unused_columns(
+        self, dataset: datasets.Dataset, description: str | None = None
+    ) -> datasets.Dataset:
+        # A dataset transform reads raw columns (e.g. `image`): drop unused columns from its output instead.
+        self._set_signature_columns_if_needed()
+        kept = self.args.remove_unused_columns and keep_columns_after_transform(dataset, self._signature_columns)
+        return kept or super()._remove_unused_columns(dataset, description)
 
     def _eval_splits(self) -> dict[str, datasets.Dataset]:
         if self.eval_dataset is None:

@@ -114,6 +114,28 @@ def check_images(dataset: datasets.Dataset, image_column: str, split: str) -> No
         )
 
 
+class _KeepColumns:
+    # A dataset transform followed by dropping the keys the model does not take (picklable for worker processes).
+    def __init__(self, transform, keep: Sequence[str]) -> None:
+        self.transform, self.keep = transform, set(keep)
+
+    def __call__(self, batch: dict) -> dict:
+        return {k: v for k, v in self.transform(batch).items() if k in self.keep}
+
+
+def keep_columns_after_transform(dataset: datasets.Dataset, keep: Sequence[str]) -> datasets.Dataset | None:
+    """For a dataset with a `with_transform` / `set_transform` (the common pattern: an `image` column that the
+    transform turns into `pixel_values`), the same dataset whose transform output keeps only `keep`: the columns
+    the transform reads stay in the dataset. None for a dataset without a transform."""
+    current = dataset.format
+    if current["type"] != "custom":
+        return None
+    transform = _KeepColumns(current["format_kwargs"]["transform"], keep)
+    return dataset.with_transform(
+        transform, columns=current["columns"], output_all_columns=current["output_all_columns"]
+    )
+
+
 def digits_pixel_values(images: np.ndarray, image_size: int) -> torch.Tensor:
     """`pixel_values` `[n, 1, size, size]` of scikit-learn digit images `[n, 8, 8]` (values 0-16): scaled to
     [0, 1], upsampled (bilinear), normalised with the digits' moments."""

@@ -105,3 +105,36 @@ def test_csv_of_image_paths_and_missing_columns(tmp_path):
         load_image_dataset(
             str(tmp_path / "images" / "labels.csv"), ["skin"], image_column="path", label_column="species"
         )
+
+
+def test_the_common_image_column_and_with_transform_pattern_trains_as_it_is(tiny_model, make_config):
+    """An `image` column turned into `pixel_values` by `dataset.with_transform(...)`: the Trainer's default
+    `remove_unused_columns=True` used to drop `image` before the transform ran (`KeyError: 'image'`). Unused
+    columns are now dropped from the transform's output instead."""
+    import datasets
+
+    from hf_ceag import CEAGTrainer
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 64)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10), "tone": datasets.Value("string")}
+    )
+    data = datasets.Dataset.from_dict(
+        {"image": images, "label": labels.tolist(), "tone": ["light", "dark"] * 32}, features=features
+    )
+
+    def transform(batch):
+        batch["pixel_values"] = [torch.tensor(np.asarray(i.resize((16, 16))), dtype=torch.float32)[None] / 255
+                                 for i in batch["image"]]  # fmt: skip
+        return batch
+
+    data = data.with_transform(transform)
+    config = make_config(mitigation="ceag", group_columns=["tone"], max_steps=4, pruning_end_epoch=0.1)
+    assert config.remove_unused_columns  # the Trainer's default
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=data, eval_dataset={"test": data})
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert trainer.group_report()["splits"]["test"]["n"] == 64
+    assert "eval_test_max_excess_gap" in trainer.evaluate()
