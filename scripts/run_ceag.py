@@ -264,7 +264,7 @@ def prune_with(
     config: CEAGConfig,
     data: datasets.DatasetDict,
     processor,
-    methods: list[str],
+    methods: list[str] | None = None,
     dataset_name: str | None = None,
 ) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
@@ -297,10 +297,10 @@ def prune_with(
     return report
 
 
-def hub_model_id(mitigation: str, config: CEAGConfig, methods: list[str]) -> str | None:
+def hub_model_id(mitigation: str, config: CEAGConfig, methods: list[str] | None) -> str | None:
     """The Hub repo of one method's model: `--hub_model_id`, suffixed with the method's folder name when several
     methods run (so that NFT and CEAG do not overwrite each other in one repo)."""
-    if not config.hub_model_id or len(methods) <= 1:
+    if not config.hub_model_id or len(methods or []) <= 1:
         return config.hub_model_id
     return f"{config.hub_model_id}-{method_folder(mitigation, config)}"
 
