@@ -34,11 +34,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .ceag_config import CEAGConfig
 from .constrained_state import ConstrainedState
 from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .data import check_label_column, keep_columns_after_transform
 from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
 from .gaps import buffer_excess_gaps
 from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
-from .model_card import build_model_card, violation_warning, write_model_folder_extras
-from .models import make_timm_loadable
+from .model_card import build_model_card, model_card_details, violation_warning, write_model_folder_extras
+from .models import classifier_logits, make_timm_loadable
 from .pruning import (
     CubicSchedule,
     MagnitudePruner,
@@ -145,6 +146,7 @@ class CEAGTrainer(Trainer):
         self.report: dict[str, Any] | None = None
         self.pruning_seconds = 0.0
         self.reproduce_command = ""
+        self.card_metadata: dict[str, Any] = {}  # defaults of create_model_card's keyword arguments (dataset, ...)
         self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
         self.add_callback(_PruningCallback(self))
         self.add_callback(NonFiniteGuard())
@@ -174,6 +176,14 @@ class CEAGTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if GROUP_ID_COLUMN not in self._signature_columns:
             self._signature_columns.append(GROUP_ID_COLUMN)
+
+    def _remove_unused_columns(
+        self, dataset: datasets.Dataset, description: str | None = None
+    ) -> datasets.Dataset:
+        # A dataset transform reads raw columns (e.g. `image`): drop unused columns from its output instead.
+        self._set_signature_columns_if_needed()
+        kept = self.args.remove_unused_columns and keep_columns_after_transform(dataset, self._signature_columns)
+        return kept or super()._remove_unused_columns(dataset, description)
 
     def _eval_splits(self) -> dict[str, datasets.Dataset]:
         if self.eval_dataset is None:
@@ -297,7 +307,7 @@ class CEAGTrainer(Trainer):
             inputs = {k: v for k, v in batch.items() if k not in self._not_model_inputs}
             with self.accelerator.autocast():
                 outputs = model(**inputs)
-            batch_logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
+            batch_logits = classifier_logits(outputs, model).float()
             batch_logits, target = self.accelerator.gather_for_metrics((batch_logits, target))
             logits.append(batch_logits.cpu())
             labels.append(target.cpu())
@@ -395,7 +405,7 @@ class CEAGTrainer(Trainer):
             raise ValueError(f"CEAGTrainer: the batch has no labels (expected one of {LABEL_COLUMNS}).")
         group_ids = inputs.get(GROUP_ID_COLUMN)
         outputs = model(**{k: v for k, v in inputs.items() if k not in self._not_model_inputs})
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = classifier_logits(outputs, model)
         per_sample = F.cross_entropy(
             logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
         )
@@ -603,11 +613,14 @@ class CEAGTrainer(Trainer):
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.
 
         Keyword arguments of `Trainer.create_model_card` are accepted: `model_name`, `finetuned_from`
-        (the dense model's Hub id, shown as base model) and `dataset` (the dataset's Hub id)."""
+        (the dense model's Hub id, shown as base model), `dataset` (the dataset's Hub id) and `license`; those in
+        `self.card_metadata` are the defaults (also of the card `push_to_hub` writes)."""
         report = self.report if self.report is not None else self.group_report()
         if not self.is_world_process_zero():
             return
         folder = output_dir or self.args.output_dir
+        given = {k: v for k, v in {**self.card_metadata, **kwargs}.items() if v is not None}
+        kwargs = {**model_card_details(self.model, folder, self.pruner.parameters), **given}
         timm_architecture = getattr(getattr(self.model, "config", None), "architecture", None)
         card = build_model_card(
             report,
@@ -620,6 +633,7 @@ class CEAGTrainer(Trainer):
             command=self.reproduce_command,
             timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
             allow_violated_constraints=self._allow_violated_constraints,
+            **{k: kwargs[k] for k in ("license", "task", "grayscale", "layer_names", "with_processor")},
         )
         save_report(report, folder)
         write_model_folder_extras(report, card, folder)
@@ -741,6 +755,7 @@ def _check_labels(dataset: datasets.Dataset, model, split: str) -> None:
             f"The {split} dataset has no label column (expected one of {LABEL_COLUMNS}); columns: "
             f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
         )
+    check_label_column(dataset, column, split)
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if num_labels is None:
         return

@@ -6,6 +6,7 @@ Every loader returns a `DatasetDict` with `train` and `test` splits whose rows g
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -42,9 +43,7 @@ def load_digits_dataset(
     if bad:
         raise ValueError(f"rare_groups={list(rare_groups)}: {bad} are not digits 0-9.")
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = ((images - DIGITS_MEAN) / DIGITS_STD).numpy()
+    images = digits_pixel_values(digits.images, image_size).numpy()
     labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels
@@ -74,14 +73,87 @@ def load_digits_dataset(
     return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
 
 
+def check_label_column(dataset: datasets.Dataset, column: str, split: str) -> None:
+    """Raise a ValueError naming the column, its type and the fix unless it holds integer class ids."""
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):
+        return
+    dtype = str(getattr(feature, "dtype", type(feature).__name__))
+    if dtype.startswith(("int", "uint")):
+        return
+    example = next(iter(dataset.with_format(None).select_columns([column]).take(1)), {}).get(column)
+    raise ValueError(
+        f"The {split} dataset's label column {column!r} holds {dtype} values (e.g. {example!r}), not class ids: "
+        "the classifier needs integers 0..num_labels-1. Encode class names with "
+        f"dataset.class_encode_column({column!r}) (a ClassLabel, which also names the classes), or cast whole-number "
+        f"values with dataset.cast_column({column!r}, datasets.Value('int64'))."
+    )
+
+
+def check_images(dataset: datasets.Dataset, image_column: str, split: str) -> None:
+    """Open every image of an `Image` column (header and, for PNG, the chunk checksums; no decoding) and raise a
+    ValueError naming the files that are not readable images, instead of a crash in the middle of training."""
+    if not isinstance(dataset.features.get(image_column), datasets.Image):
+        return
+    from PIL import Image
+
+    raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    for batch in raw.with_format(None).iter(batch_size=256):
+        for item in batch[image_column]:
+            source = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+            try:
+                with Image.open(source) as image:
+                    image.verify()
+            except (OSError, ValueError, SyntaxError) as error:
+                bad.append(f"{item.get('path') or '<embedded bytes>'} ({type(error).__name__}: {error})")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} image(s) of the {split} split cannot be read: {'; '.join(bad[:5])}. Replace or delete those "
+            "files (and their metadata rows), or drop their rows, e.g. with dataset.filter(...), and run again."
+        )
+
+
+class _KeepColumns:
+    # A dataset transform followed by dropping the keys the model does not take (picklable for worker processes).
+    def __init__(self, transform, keep: Sequence[str]) -> None:
+        self.transform, self.keep = transform, set(keep)
+
+    def __call__(self, batch: dict) -> dict:
+        return {k: v for k, v in self.transform(batch).items() if k in self.keep}
+
+
+def keep_columns_after_transform(dataset: datasets.Dataset, keep: Sequence[str]) -> datasets.Dataset | None:
+    """For a dataset with a `with_transform` / `set_transform` (the common pattern: an `image` column that the
+    transform turns into `pixel_values`), the same dataset whose transform output keeps only `keep`: the columns
+    the transform reads stay in the dataset. None for a dataset without a transform."""
+    current = dataset.format
+    if current["type"] != "custom":
+        return None
+    transform = _KeepColumns(current["format_kwargs"]["transform"], keep)
+    return dataset.with_transform(
+        transform, columns=current["columns"], output_all_columns=current["output_all_columns"]
+    )
+
+
+def digits_pixel_values(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """`pixel_values` `[n, 1, size, size]` of scikit-learn digit images `[n, 8, 8]` (values 0-16): scaled to
+    [0, 1], upsampled (bilinear), normalised with the digits' moments."""
+    pixels = torch.tensor(np.asarray(images), dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (pixels - DIGITS_MEAN) / DIGITS_STD
+
+
 def _image_transform(image_column: str, image_size: int, channels: int):
     from torchvision.transforms import v2
 
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    # Resized as a PIL image (bilinear), as timm's eval transform and transformers' image processors resize: the
+    # saved folder's `pipeline` then sees exactly the pixel values the model was trained on.
     pipeline = v2.Compose(
         [
+            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR),
             v2.PILToTensor(),
-            v2.Resize((image_size, image_size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
         ]
@@ -134,6 +206,8 @@ def load_image_dataset(
                 f"Column(s) {missing} not in dataset {dataset_name!r}; available: {split.column_names}. "
                 "Set --image_column, --label_column and --group_columns to the dataset's names."
             )
+    for name, split in loaded.items():  # a corrupt file fails here, named, not as a traceback deep in training
+        check_images(split, image_column, name)
     if label_column != "label":
         loaded = loaded.rename_column(label_column, "label")
     label_feature = loaded["train"].features["label"]

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .report import plot_excess_gaps, report_markdown
@@ -37,6 +38,96 @@ VERSIONED = (
 )
 
 
+TASK_KINDS = {
+    "image-classification": "image classifier",
+    "text-classification": "text classifier",
+    "audio-classification": "audio classifier",
+}
+AUTO_CLASSES = {
+    "image-classification": "AutoModelForImageClassification",
+    "text-classification": "AutoModelForSequenceClassification",
+    "audio-classification": "AutoModelForAudioClassification",
+}
+_TASK_OF_INPUT = {
+    "pixel_values": "image-classification",
+    "input_ids": "text-classification",
+    "input_values": "audio-classification",
+    "input_features": "audio-classification",
+}
+
+
+def model_task(model: Any) -> str:
+    """The pipeline task of a classifier, from its main input (`pixel_values`: image-classification)."""
+    return _TASK_OF_INPUT.get(getattr(model, "main_input_name", "pixel_values"), "classification")
+
+
+def saved_parameter_names(weights_file: str, parameters: dict[str, Any]) -> dict[str, str]:
+    """Map each of `parameters` (name: tensor) to the key under which `save_pretrained` wrote it in
+    `weights_file` (transformers 5 renames some architectures' weights on save, e.g. ViT's; hf-ceag drops timm's
+    `timm_model.` prefix): the key of the only stored tensor with the same values. Names without such a key
+    (a fused or sharded save) are kept."""
+    if not os.path.isfile(weights_file):
+        return {}
+    import torch
+    from safetensors import safe_open
+
+    names = {}
+    with safe_open(weights_file, framework="pt") as stored:
+        by_shape: dict[tuple, list[str]] = {}
+        for key in stored.keys():  # noqa: SIM118 (safe_open is not a dict)
+            by_shape.setdefault(tuple(stored.get_slice(key).get_shape()), []).append(key)
+        for name, tensor in parameters.items():
+            value = tensor.detach().cpu()
+            same = [k for k in by_shape.get(tuple(value.shape), []) if torch.equal(stored.get_tensor(k), value)]
+            if len(same) > 1:  # equal tensors (e.g. all zeros): the key that keeps the most of the name
+                same = [k for k in same if k.endswith(name.split(".", 1)[-1])] or same[:0]
+            if len(same) == 1:
+                names[name] = same[0]
+    return names
+
+
+def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[str, Any]:
+    """What the card says about a model saved into `folder`: its `task`, whether it takes `grayscale` images, the
+    saved names of its `pruned` layers (`layer_names`), and the dense parent's `license` when its card has one."""
+    config = getattr(model, "config", None)
+    channels = getattr(config, "num_channels", None) or (getattr(config, "model_args", None) or {}).get(
+        "in_chans", 3
+    )
+    return {
+        "task": model_task(model),
+        "grayscale": channels == 1,
+        "with_processor": any(
+            os.path.isfile(os.path.join(folder, name))
+            for name in ("preprocessor_config.json", "tokenizer_config.json")
+        ),
+        "layer_names": saved_parameter_names(os.path.join(folder, "model.safetensors"), pruned),
+        "license": dense_folder_license(getattr(config, "_name_or_path", None)),
+    }
+
+
+def _is_hub_id(name: str | None) -> bool:
+    # "org/name", not a path of this machine
+    return (
+        bool(name) and name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+    )
+
+
+def _local_name(path: str) -> str:
+    # a local folder by its own name only: the card must not show the training machine's paths
+    return os.path.basename(os.path.normpath(path)) if os.path.sep in path or os.path.exists(path) else path
+
+
+def dense_folder_license(path: str | None) -> str | None:
+    """The license in the metadata of a (dense) model folder's card, if it has one."""
+    card = os.path.join(path, "README.md") if path and os.path.isdir(path) else None
+    if card is None or not os.path.isfile(card):
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except (OSError, ValueError, yaml.YAMLError):  # a README that is no model card
+        return None
+
+
 def template_path() -> Path:
     """The card template: shipped as `hf_ceag.model_cards`, or the repository's `model_cards/` folder."""
     try:
@@ -58,13 +149,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _eval_results(report: dict[str, Any], dataset_name: str) -> list[EvalResult]:
+def _eval_results(report: dict[str, Any], dataset_name: str, task: str) -> list[EvalResult]:
     results = []
 
     def add(metric_type: str, name: str, value: float, split: str) -> None:
         results.append(
             EvalResult(
-                task_type="image-classification",
+                task_type=task,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=split,
@@ -110,25 +201,38 @@ def build_model_card(
     command: str = "",
     timm_architecture: str | None = None,
     allow_violated_constraints: bool = False,
+    license: str | None = None,
+    task: str = "image-classification",
+    layer_names: dict[str, str] | None = None,
+    grayscale: bool = False,
+    with_processor: bool = True,
 ) -> ModelCard:
     """Render the card. `training` holds the run settings shown in the card (pruning, buffer_size, dual_lr,
-    epochs, group_columns). A violated model gets a warning at the top (callers gate publishing)."""
-    hub_base = base_model if base_model and "/" in base_model and not os.path.exists(base_model) else None
+    epochs, group_columns). A violated model gets a warning at the top (callers gate publishing).
+
+    `with_processor`: the folder holds the preprocessing (image processor), so `pipeline` works on it.
+    `repo_or_path`, `base_model` and `dataset_name` go into the metadata when they are Hub ids; a local folder
+    is named by its folder name only (never a path of the machine that trained it). `task` is the pipeline
+    task (`model_task`); `layer_names` maps the pruned layers' parameter names to their names in the saved
+    weights file (`saved_parameter_names`)."""
+    hub_base = base_model if _is_hub_id(base_model) else None
     dataset_label = dataset_name or "scikit-learn digits (embedded)"
-    hub_dataset = (
-        dataset_name if dataset_name and "/" in dataset_name and not os.path.exists(dataset_name) else None
-    )
-    tags = ["image-classification", "pruning", "sparse", "fairness", "hf-ceag", report["method"]]
+    hub_dataset = dataset_name if _is_hub_id(dataset_name) else None
+    tags = [task, "pruning", "sparse", "fairness", "hf-ceag", report["method"]]
     if timm_architecture:
         tags.append("timm")
     card_data = ModelCardData(
         library_name="transformers",
+        pipeline_tag=task,
+        license=license,
         tags=tags,
         base_model=hub_base,
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=model_name,
-        eval_results=_eval_results(report, hub_dataset or dataset_label),
+        eval_results=_eval_results(report, hub_dataset or _local_name(dataset_label), task),
     )
+    layer_names = layer_names or {}
+    load_from = repo_or_path if _is_hub_id(repo_or_path) else _local_name(repo_or_path)
     warning = violation_warning(report) if allow_violated_constraints else None
     tables = {split: report_markdown(report, split) for split in report["splits"]}
     return ModelCard.from_template(
@@ -137,18 +241,30 @@ def build_model_card(
         model_name=model_name,
         warning=warning,
         method_text=METHOD_TEXT.get(report["method"], report["method"]),
-        base_model_text=f"`{base_model}`" if base_model else "a dense model",
+        model_kind=TASK_KINDS.get(task, "classifier"),
+        base_model_text=(
+            f"`{base_model}`"
+            if hub_base
+            else f"a dense model (local folder `{_local_name(base_model)}`)"
+            if base_model
+            else "a dense model"
+        ),
         tolerance=report["tolerance"],
         sparsity=report["sparsity"],
         sparsity_definition=report.get("sparsity_definition", "fraction of zero weights in the pruned layers"),
         target_sparsity=report["target_sparsity"],
         verdicts=[data.get("verdict", "") for data in report["splits"].values()],
         tables=tables,
-        layer_sparsity=report.get("layer_sparsity", {}),
+        layer_sparsity={layer_names.get(k, k): v for k, v in report.get("layer_sparsity", {}).items()},
         min_samples=next(iter(report["splits"].values()))["min_samples"],
-        repo_or_path=repo_or_path,
+        repo_or_path=load_from,
+        local_folder=not _is_hub_id(repo_or_path),
+        task=task,
+        auto_class=AUTO_CLASSES.get(task, "AutoModel"),
+        grayscale=grayscale,
+        with_processor=with_processor,
         timm_architecture=timm_architecture,
-        timm_hub_prefix="hf-hub:" if "/" in repo_or_path and not os.path.exists(repo_or_path) else "local-dir:",
+        timm_hub_prefix="hf-hub:" if _is_hub_id(repo_or_path) else "local-dir:",
         command=command or "(not recorded)",
         versions=library_versions(),
         pruning_text=training.get("pruning", ""),

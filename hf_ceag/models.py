@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -71,6 +72,24 @@ def _timm_classifier(name, num_labels, id2label, label2id, channels, image_size)
     raise AssertionError("unreachable")
 
 
+def classifier_logits(outputs, model: nn.Module) -> torch.Tensor:
+    """The `[batch, num_labels]` logits of a classifier's forward output (a `ModelOutput` or dict with `logits`, a
+    tuple whose first item they are, or the tensor itself); a ValueError naming the model class otherwise."""
+    if isinstance(outputs, dict):
+        if "logits" in outputs:
+            return outputs["logits"]
+        name = type(model).__name__
+        head = name.removesuffix("Model") + "ForImageClassification" if name.endswith("Model") else None
+        raise ValueError(
+            f"{name} returns {type(outputs).__name__} with {list(outputs.keys())} and no `logits`: hf-ceag prunes "
+            "classifiers whose forward returns `logits` of shape [batch, num_labels]. Use the model's "
+            "image-classification class (AutoModelForImageClassification"
+            + (f", e.g. {head}" if head else "")
+            + ") or wrap the model so that its forward returns logits."
+        )
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+
+
 def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperForImageClassification:
     """Wrap a bare timm model (its weights copied) so the Trainer can prune, save and reload it."""
     num_classes = model.num_classes
@@ -83,7 +102,11 @@ def from_timm(model: nn.Module, architecture: str, **model_args) -> TimmWrapperF
 def make_timm_loadable(folder: str, model: nn.Module) -> None:
     """Rewrite a saved `TimmWrapperForImageClassification` folder so `timm.create_model("local-dir:<folder>",
     pretrained=True)` loads it too: weight names without the wrapper's `timm_model.` prefix (transformers
-    adds it back on load) and timm's `pretrained_cfg` in `config.json`. No-op for other models."""
+    adds it back on load) and timm's `pretrained_cfg` in `config.json`. No-op for other models.
+
+    transformers builds the image processor of a timm folder (`AutoImageProcessor`, `pipeline`) from that
+    `pretrained_cfg`, not from `preprocessor_config.json`: when the folder holds the image processor it was
+    trained with, `pretrained_cfg` is made to describe the same preprocessing (`timm_data_config`)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -97,7 +120,38 @@ def make_timm_loadable(folder: str, model: nn.Module) -> None:
     with open(config_file) as f:
         config = json.load(f)
     pretrained_cfg = json.loads(json.dumps(dict(getattr(timm_model, "pretrained_cfg", {}) or {}), default=str))
+    # Where timm's default weights came from is not where these came from.
+    for key in ("url", "hf_hub_id", "tag", "license", "origin_url", "paper_ids", "notes"):
+        pretrained_cfg.pop(key, None)
     pretrained_cfg["num_classes"] = model.config.num_labels
+    pretrained_cfg.update(timm_data_config(folder) or {})
     config["pretrained_cfg"] = pretrained_cfg
     with open(config_file, "w") as f:
         json.dump(config, f, indent=2)
+
+
+_INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes
+
+
+def timm_data_config(folder: str) -> dict | None:
+    """timm's data-config fields (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`) for the
+    preprocessing of the folder's `preprocessor_config.json`: resize (squash) to its size, rescale to [0, 1],
+    normalise; None without one. timm's eval transform built from them gives the same pixel values."""
+    import json
+
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        processor = json.load(f)
+    size, mean, std = processor.get("size"), processor.get("image_mean"), processor.get("image_std")
+    if not (isinstance(size, dict) and "height" in size and "width" in size and mean and std):
+        return None
+    return {
+        "input_size": [len(mean), int(size["height"]), int(size["width"])],
+        "mean": list(mean),
+        "std": list(std),
+        "interpolation": _INTERPOLATION.get(processor.get("resample", 2), "bilinear"),
+        "crop_pct": 1.0,
+        "crop_mode": "squash",  # resize both sides to the size, no crop: what the training transform does
+    }

@@ -8,6 +8,7 @@ this module also registers the `cifar_resnet56` architecture with timm.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import datasets
@@ -15,6 +16,7 @@ import datasets
 from . import cifar_resnet  # noqa: F401  (registers cifar_resnet56 with timm, used by the CIFAR-100 recipe)
 from .face_datasets import (
     CIFAR100_HUB_ID,
+    FAIRFACE_CSVS,
     FAIRFACE_HUB_ID,
     GROUPINGS,
     load_cifar100,
@@ -59,5 +61,12 @@ def load_recipe_data(
         if not data_dir:
             raise ValueError("dataset_name='utkface' needs --data_dir: the folder of UTKFace .jpg files.")
         return load_utkface(data_dir, group_by=group_by, image_size=image_size, test_size=test_size, seed=seed)
+    if dataset_name == "fairface" and data_dir and not os.path.isdir(data_dir):
+        raise ValueError(
+            f"--data_dir {data_dir}: folder not found (from {os.getcwd()}). Put the FairFace data there: "
+            f"{', '.join(FAIRFACE_CSVS.values())} and the unpacked fairface-img-margin025-trainval.zip (its train/ "
+            "and val/ folders); configs/README.md says where to get them. Or pass --data_dir with the folder that "
+            f"holds them, or leave data_dir out to load {FAIRFACE_HUB_ID} from the Hub."
+        )
     source = data_dir if dataset_name == "fairface" and data_dir else FAIRFACE_HUB_ID
     return load_fairface(source, group_by=group_by, image_size=image_size)

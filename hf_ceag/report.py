@@ -244,33 +244,46 @@ def report_markdown(report: dict[str, Any], split: str) -> str:
     return "\n".join(rows)
 
 
+STATUS_COLORS = {SATISFIED: "tab:blue", VIOLATED: "tab:red", TOO_FEW: "tab:gray", UNCONSTRAINED: "tab:olive"}
+
+
 def plot_excess_gaps(report: dict[str, Any], path: str) -> str:
-    """PNG: ψ_g per group, sorted, with 95 % intervals and the ε line; one panel per split."""
+    """PNG: ψ_g per group with 95 % intervals and the ε line, one panel per split, the groups in the same order in
+    every panel (by the first split's ψ_g), coloured by status (legend), axes labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     splits = list(report["splits"])
-    most = max(len(report["splits"][s]["groups"]) for s in splits)
-    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 0.35 * most) * len(splits), 4.5), squeeze=False)
+    order = [g["name"] for g in sorted(report["splits"][splits[0]]["groups"], key=lambda g: g["excess_gap"])]
+    for split in splits[1:]:  # groups only a later split holds go last
+        order += [g["name"] for g in report["splits"][split]["groups"] if g["name"] not in order]
+    most = len(order)
+    fig, axes = plt.subplots(
+        1, len(splits), figsize=(max(6, 0.35 * most) * len(splits), 4.5), squeeze=False, sharey=True
+    )
     for ax, split in zip(axes[0], splits):
-        groups = sorted(report["splits"][split]["groups"], key=lambda g: g["excess_gap"])
-        x = range(len(groups))
+        by_name = {g["name"]: g for g in report["splits"][split]["groups"]}
+        x = [i for i, name in enumerate(order) if name in by_name]
+        groups = [by_name[order[i]] for i in x]
         values = [g["excess_gap"] for g in groups]
-        ci = [g.get("excess_gap_ci", [g["excess_gap"]] * 2) for g in groups]
+        ci = [g.get("excess_gap_ci") or [g["excess_gap"]] * 2 for g in groups]
         errors = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
-        colors = [
-            "tab:red" if g["status"] == VIOLATED else "tab:gray" if g["status"] == TOO_FEW else "tab:blue"
-            for g in groups
-        ]
-        ax.bar(x, values, color=colors, yerr=errors, capsize=2)
-        ax.axhline(report["tolerance"], color="black", linestyle="--", label=f"ε = {report['tolerance']:g}")
+        ax.bar(
+            x, values, color=[STATUS_COLORS.get(g["status"], "tab:blue") for g in groups], yerr=errors, capsize=2
+        )
+        ax.axhline(report["tolerance"], color="black", linestyle="--")
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xticks(list(x), [g["name"] for g in groups], rotation=90 if most > 12 else 0, fontsize=8)
+        ax.set_xticks(range(most), order, rotation=90 if most > 12 else 0, fontsize=8)
         ax.set_title(f"{report['method']} — {split}")
-        ax.set_ylabel("excess accuracy gap ψ_g")
-        ax.legend(loc="upper left")
+        ax.set_xlabel("group")
+        ax.set_ylabel("excess accuracy gap ψ_g (95 % interval)")
+        shown = {g["status"] for g in groups}
+        handles = [Patch(color=c, label=s) for s, c in STATUS_COLORS.items() if s in shown]
+        handles.append(plt.Line2D([], [], color="black", linestyle="--", label=f"ε = {report['tolerance']:g}"))
+        ax.legend(handles=handles, loc="upper left", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

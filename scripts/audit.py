@@ -17,15 +17,18 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
+from run_ceag import DataArguments, _has_accelerator, load_data, reproduce_command  # noqa: E402
 
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
 from hf_ceag.groups import GROUP_ID_COLUMN  # noqa: E402
-from hf_ceag.model_card import build_model_card, write_model_folder_extras  # noqa: E402
+from hf_ceag.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
 from hf_ceag.pruning import measured_sparsity, sparsity_definition  # noqa: E402
 from hf_ceag.report import build_report, save_report, split_report  # noqa: E402
 
@@ -51,6 +54,7 @@ class AuditArguments:
 def load_model(path: str, role: str):
     """One model; refused when its saved weights do not fill its architecture, since it would then be audited
     with re-initialised weights."""
+    check_model_path(path, role)
     model, info = AutoModelForImageClassification.from_pretrained(
         path, use_safetensors=True, output_loading_info=True
     )
@@ -70,6 +74,29 @@ def load_model(path: str, role: str):
             f"shape): it would be audited with re-initialised weights.{hint}"
         )
     return model
+
+
+def check_model_path(path: str, role: str) -> None:
+    """Refuse, before any data is loaded, a model path that is neither a saved folder nor (online) a Hub id."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(
+                f"--{role}_model {path}: the folder has no config.json, so it is not a save_pretrained folder. "
+                "Pass the folder the model was saved into (model.save_pretrained(folder))."
+            )
+        return
+    try:
+        validate_repo_id(path)
+        hub_id = not os.path.isabs(path) and not path.startswith(".")
+    except HFValidationError:
+        hub_id = False
+    if not hub_id or huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"--{role}_model {path}: folder not found (from {os.getcwd()})"
+            + ("" if not hub_id else ", and the Hub is not reachable offline (HF_HUB_OFFLINE)")
+            + f". Pass the {role} model's save_pretrained folder"
+            + (", e.g. OUTPUT_DIR/dense of scripts/run_ceag.py." if role == "dense" else ", e.g. OUTPUT_DIR/ceag.")
+        )
 
 
 def saved_image_size(path: str) -> int | None:
@@ -151,6 +178,7 @@ def correct_predictions(model, dataset: datasets.Dataset, audit: AuditArguments)
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=False,
+        dataloader_pin_memory=_has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
     )
     rows = dataset.remove_columns(
         [c for c in audit.group_columns + [GROUP_ID_COLUMN] if c in dataset.column_names]
@@ -209,6 +237,7 @@ def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
         dataset_name=script.dataset_name,
         command=reproduce_command(sys.argv),
         timm_architecture=architecture if isinstance(architecture, str) else None,
+        **model_card_details(sparse, audit.sparse_model, pruned_layers),
     )
     save_report(report, audit.output_dir)
     write_model_folder_extras(report, card, audit.output_dir)

@@ -39,6 +39,7 @@ from hf_ceag import (
     load_styled_digits_dataset,
 )
 from hf_ceag.groups import check_group_columns
+from hf_ceag.models import make_timm_loadable
 from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.cifar_resnet)
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
@@ -208,9 +209,12 @@ def _reusable_dense(dense_dir: str, wanted: dict) -> bool:
     return True
 
 
-def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.DatasetDict, channels: int):
+def dense_model(
+    script: ScriptArguments, config: CEAGConfig, data: datasets.DatasetDict, channels: int, processor=None
+) -> str:
     """The dense model folder: `--model_name_or_path` if it is a folder; else `OUTPUT_DIR/dense`, reused if an
-    earlier run made it from the same data, model and seed (refused if not), or trained and saved there."""
+    earlier run made it from the same data, model and seed (refused if not), or trained and saved there with
+    its image processor (so that `pipeline` and timm load it as the sparse folders)."""
     if os.path.isdir(script.model_name_or_path):
         return script.model_name_or_path
     dense_dir = os.path.join(config.output_dir, "dense")
@@ -234,13 +238,18 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
         mitigation="none",
         target_sparsity=0.0,
         hub_token=None,  # never pickled into the dense folder's training_args.bin
+        push_to_hub=False,  # --push_to_hub publishes the pruned models, not their dense parent
+        hub_model_id=None,
     )
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
-    trainer = Trainer(model=model, args=dense_args, train_dataset=train, callbacks=[NonFiniteGuard()])
+    trainer = Trainer(
+        model=model, args=dense_args, train_dataset=train, processing_class=processor, callbacks=[NonFiniteGuard()]
+    )
     trainer.train()
     trainer.save_model(dense_dir)
     if trainer.is_world_process_zero():
+        make_timm_loadable(dense_dir, model)
         with open(os.path.join(dense_dir, DENSE_RECORD), "w") as f:
             json.dump(provenance, f, indent=2)
     trainer.accelerator.wait_for_everyone()  # every process loads this folder next
@@ -249,11 +258,21 @@ def dense_model(script: ScriptArguments, config: CEAGConfig, data: datasets.Data
     return dense_dir
 
 
-def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datasets.DatasetDict, processor) -> dict:
+def prune_with(
+    mitigation: str,
+    dense_dir: str,
+    config: CEAGConfig,
+    data: datasets.DatasetDict,
+    processor,
+    methods: list[str] | None = None,
+    dataset_name: str | None = None,
+) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
-    report.json, the model card README.md with its plot, and run_config.json."""
+    report.json, the model card README.md with its plot (naming `dataset_name`), and run_config.json."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
-    args = dataclasses.replace(config, mitigation=mitigation, output_dir=out)
+    args = dataclasses.replace(
+        config, mitigation=mitigation, output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
+    )
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
@@ -266,6 +285,7 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
         processing_class=processor,
     )
     trainer.reproduce_command = reproduce_command(sys.argv)
+    trainer.card_metadata["dataset"] = dataset_name
     start = time.time()
     trainer.train()
     report = trainer.group_report()
@@ -275,6 +295,14 @@ def prune_with(mitigation: str, dense_dir: str, config: CEAGConfig, data: datase
         with open(os.path.join(out, "run_config.json"), "w") as f:
             f.write(args.to_json_string())
     return report
+
+
+def hub_model_id(mitigation: str, config: CEAGConfig, methods: list[str] | None) -> str | None:
+    """The Hub repo of one method's model: `--hub_model_id`, suffixed with the method's folder name when several
+    methods run (so that NFT and CEAG do not overwrite each other in one repo)."""
+    if not config.hub_model_id or len(methods or []) <= 1:
+        return config.hub_model_id
+    return f"{config.hub_model_id}-{method_folder(mitigation, config)}"
 
 
 def method_folder(mitigation: str, config: CEAGConfig) -> str:
@@ -396,9 +424,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     data, channels = load_data(script, config)
     for split, dataset in data.items():  # a misspelt or incomplete group column fails here, not after training
         check_group_columns(dataset, config.group_columns, split)
-    dense_dir = dense_model(script, config, data, channels)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
-    reports = {method_folder(m, config): prune_with(m, dense_dir, config, data, processor) for m in methods}
+    dense_dir = dense_model(script, config, data, channels, processor)
+    reports = {
+        method_folder(m, config): prune_with(m, dense_dir, config, data, processor, methods, script.dataset_name)
+        for m in methods
+    }
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")

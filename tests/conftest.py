@@ -50,3 +50,30 @@ def make_config(tmp_path):
         return CEAGConfig(**values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def check_pipeline():
+    """`check(folder, images, pixel_values, atol)`: `transformers.pipeline("image-classification", folder)` on
+    `images` gives the saved model's own predictions on the `pixel_values` it was trained and evaluated on
+    (top label wherever the model is not torn between two classes, and scores within `atol`)."""
+
+    def check(folder, images, pixel_values, atol=1e-5):
+        import torch
+        from transformers import AutoModelForImageClassification, pipeline
+
+        classifier = pipeline("image-classification", model=str(folder), device="cpu")
+        model = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            own = model(pixel_values=pixel_values).logits.softmax(-1)
+        top2 = own.topk(2, dim=-1).values
+        for i, predicted in enumerate(classifier(list(images), top_k=model.config.num_labels)):
+            scores = torch.tensor(
+                [p["score"] for p in sorted(predicted, key=lambda p: model.config.label2id[p["label"]])]
+            )
+            torch.testing.assert_close(scores, own[i], rtol=0, atol=atol)
+            if top2[i, 0] - top2[i, 1] > 2 * atol:
+                assert model.config.label2id[predicted[0]["label"]] == int(own[i].argmax()), i
+        return classifier
+
+    return check

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -179,6 +180,7 @@ def test_push_to_hub_gate_and_no_token_in_files(trained):
         trained.push_to_hub(allow_violated_constraints=True)
     files, _ = uploads[-1]
     card = files["README.md"].decode()
+    assert 'from_pretrained("me/sparse")' in card and trained.args.output_dir not in card  # the Hub id
     assert card.split("---", 2)[2].lstrip().startswith("> **⚠️ Warning: this model does not satisfy")
     assert {"model.safetensors", "config.json", "report.json", "excess_gaps.png"} <= set(files)
     assert not any(b"hf_SECRETTOKEN123" in content for content in files.values())
@@ -229,3 +231,113 @@ def test_audit_refuses_bad_input(tmp_path, digits):
     with pytest.raises(ValueError, match="weight_orig.*re-initialised weights.*prune.remove"):
         audit.main(["--dense_model", dense, "--sparse_model", str(tmp_path / "reparametrised"), *common])
     assert not os.path.exists(tmp_path / "audit" / "report.json")
+
+
+def test_push_to_hub_from_the_cli_publishes_only_the_pruned_model(tmp_path):
+    """`--push_to_hub true` used to create a Hub repo for the dense model too (with `--hub_model_id`, the same
+    repo, which it then uploaded the dense model to)."""
+    from scripts import run_ceag
+
+    created, uploaded = [], []
+    api = mock.MagicMock()
+    api.create_repo.side_effect = lambda repo_id, **kwargs: (
+        created.append(repo_id) or mock.MagicMock(repo_id=repo_id)
+    )
+    api.upload_folder.side_effect = lambda folder_path, **kwargs: uploaded.append(Path(folder_path).name)
+    out = tmp_path / "run"
+    fast = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_epochs", "2",
+            "--pruning_end_epoch", "1", "--disable_tqdm", "true", "--tolerance", "1.0"]  # fmt: skip
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        run_ceag.main(["--output_dir", str(out), *fast, "--methods", "none", "ceag", "--push_to_hub", "true",
+                       "--hub_model_id", "me/digits", "--hub_token", "hf_SECRETTOKEN123"])  # fmt: skip
+    assert created == ["me/digits-nft", "me/digits-ceag"]  # one repo per method, none for the dense model
+    assert uploaded and set(uploaded) == {"nft", "ceag"}
+    assert (out / "dense" / "model.safetensors").exists()
+    assert b"hf_SECRETTOKEN123" not in (out / "dense" / "training_args.bin").read_bytes()
+
+
+def test_card_names_no_local_path_and_the_saved_layer_names(trained, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setattr(trained, "hub_model_id", None)  # not pushed (an earlier test pushed it, to a fake Hub)
+    folder = tmp_path / "deep" / "sparse"
+    trained.save_model(str(folder))
+    text = (folder / "README.md").read_text()
+    assert str(tmp_path) not in text  # it used to show the absolute path under "How to load"
+    assert 'from_pretrained("sparse")' in text and '"local-dir:sparse"' in text
+    layers = re.findall(r"^\| `([^`]+)` \| [0-9.]+ \|$", text, flags=re.MULTILINE)
+    with safe_open(str(folder / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+    assert len(layers) == len(trained.pruner.parameters) and set(layers) <= keys  # not `timm_model.`-prefixed
+    assert "pipeline(" not in text and "holds no image processor" in text  # no processing_class given
+
+
+def test_card_layer_names_follow_the_renames_of_save_pretrained(tmp_path):
+    """transformers 5 saves ViT's weights under other names than its parameters' (`vit.layers.0.mlp.fc1` is
+    written as `vit.encoder.layer.0.intermediate.dense`): the card names what the file holds."""
+    from safetensors import safe_open
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_ceag.model_card import saved_parameter_names
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3)  # fmt: skip
+    model = ViTForImageClassification(config)
+    model.save_pretrained(tmp_path)
+    pruned = hf_ceag.prunable_parameters(model, keep_first_last_dense=True)
+    names = saved_parameter_names(str(tmp_path / "model.safetensors"), pruned)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+    assert set(names) == set(pruned) and set(names.values()) <= keys
+    assert any(k != v for k, v in names.items())  # the renames exist, and are followed
+    assert names["vit.layers.0.mlp.fc1.weight"] == "vit.encoder.layer.0.intermediate.dense.weight"
+
+
+def test_card_metadata_when_known_and_a_non_image_model(trained, tmp_path):
+    folder = tmp_path / "sparse"
+    trained.save_model(str(folder))
+    trained.create_model_card(
+        output_dir=str(folder), finetuned_from="me/dense", dataset="uoft-cs/cifar100", license="apache-2.0"
+    )
+    data = ModelCard.load(folder / "README.md").data
+    assert (data.base_model, data.datasets, data.license) == ("me/dense", ["uoft-cs/cifar100"], "apache-2.0")
+    assert data.pipeline_tag == "image-classification"
+    # a dense parent's license is carried over from its card when it has one
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    ModelCard("---\nlicense: mit\n---\n# dense\n").save(dense / "README.md")
+    from hf_ceag.model_card import build_model_card, dense_folder_license, model_task
+
+    assert dense_folder_license(str(dense)) == "mit"
+    # a text classifier is called one, and tagged with its task
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=8, vocab_size=30))  # fmt: skip
+    task = model_task(bert)
+    card = build_model_card(
+        trained.group_report(), model_name="m", repo_or_path=str(folder), training={}, task=task
+    )
+    assert task == "text-classification" and card.data.pipeline_tag == task
+    assert "sparse text classifier" in card.text and "image classifier" not in card.text
+    assert "AutoModelForSequenceClassification" in card.text
+
+
+def test_plot_shows_groups_in_one_order_with_a_legend_and_axis_labels(trained, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from hf_ceag.report import plot_excess_gaps
+
+    report = json.loads(json.dumps(trained.group_report()))
+    report["splits"]["test"]["groups"].reverse()  # a split listing its groups in another order
+    report["splits"]["test"]["groups"][0].update(excess_gap=0.5, excess_gap_ci=[0.4, 0.6])  # ranked otherwise
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    plot_excess_gaps(report, str(tmp_path / "plot.png"))
+    train, test = figures[0].axes
+    assert [t.get_text() for t in train.get_xticklabels()] == [t.get_text() for t in test.get_xticklabels()]
+    for ax in (train, test):
+        assert ax.get_xlabel() == "group" and "excess accuracy gap" in ax.get_ylabel()
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "satisfied" in labels or "violated" in labels
+        assert any(label.startswith("ε = ") for label in labels)

@@ -150,3 +150,123 @@ def test_a_string_group_column_is_split_stratified(tmp_path):
     )  # fmt: skip
     tones = data["test"].with_format(None)["tone"]
     assert tones.count("rare") == 2  # a quarter of 8, and the column keeps its strings
+
+
+# (a change to the train dataset given to CEAGTrainer, words the error must contain); each is refused when the
+# trainer is built or at the first batch of its first pass, before any training step
+def _float_labels(data):
+    return data.cast_column("label", __import__("datasets").Value("float32"))
+
+
+def _string_labels(data):
+    import datasets
+
+    names = data.with_format(None)["label"]
+    return data.remove_columns("label").add_column(
+        "label", [f"digit {n}" for n in names], feature=datasets.Value("string")
+    )
+
+
+TRAINER_DATA_MISTAKES = [
+    (_float_labels, ["label column 'label' holds float32 values", "class_encode_column", "Value('int64')"]),
+    (_string_labels, ["label column 'label' holds string values", "'digit ", "class_encode_column('label')"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"), TRAINER_DATA_MISTAKES, ids=[c.__name__ for c, _ in TRAINER_DATA_MISTAKES]
+)
+def test_trainer_data_mistakes_fail_early_with_a_clear_error(tiny_model, digits, make_config, change, words):
+    from hf_ceag import CEAGTrainer
+
+    with pytest.raises(ValueError) as error:
+        CEAGTrainer(tiny_model, make_config(), train_dataset=change(digits["train"])).train()
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_a_model_without_logits_is_refused_naming_its_class(digits, make_config):
+    """A base model (no classification head) used to fail at `outputs["logits"]` with a bare KeyError."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from hf_ceag import CEAGTrainer
+
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
+    trainer = CEAGTrainer(ResNetModel(config), make_config(), train_dataset=digits["train"])
+    with pytest.raises(ValueError, match="ResNetModel returns .*no `logits`.*ResNetForImageClassification"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def _image_folder(root, corrupt=False):
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_user_data import make_images
+
+    rows = make_images(root, n=24)
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "tone", "label_name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if corrupt:
+        (root / rows[5]["file_name"]).write_bytes(b"not a png")  # a download cut short, a mislabelled file
+    return root
+
+
+# (a whole command line of scripts/run_ceag.py or scripts/audit.py, built in tmp_path; words the error must
+# contain); each fails before any training, and writes nothing
+def _fairface_without_its_data(tmp_path):
+    from pathlib import Path
+
+    return "run_ceag", [str(Path(__file__).resolve().parents[1] / "configs" / "fairface_race.yaml")]
+
+
+def _corrupt_image_in_an_imagefolder(tmp_path):
+    folder = _image_folder(tmp_path / "images", corrupt=True)
+    flags = ["--dataset_name", "imagefolder", "--data_dir", str(folder), "--group_columns", "tone"]
+    return "run_ceag", [*flags, "--label_column", "label_name", "--image_size", "8"]
+
+
+def _audit_with_a_missing_dense_model(tmp_path):
+    return "audit", ["--dense_model", "outputs/nowhere/dense", "--sparse_model", str(tmp_path)]
+
+
+def _audit_with_a_missing_hub_like_dense_model(tmp_path):
+    return "audit", ["--dense_model", "nowhere/dense", "--sparse_model", str(tmp_path)]
+
+
+COMMAND_MISTAKES = [
+    (_fairface_without_its_data, ["--data_dir data/fairface: folder not found", "fairface_label_train.csv",
+                                  "configs/README.md", "leave data_dir out"]),
+    (_corrupt_image_in_an_imagefolder, ["1 image(s) of the train split cannot be read", "owl/5.png",
+                                        "UnidentifiedImageError", "Replace or delete"]),
+    (_audit_with_a_missing_dense_model, ["--dense_model outputs/nowhere/dense: folder not found",
+                                         "save_pretrained folder"]),
+    (_audit_with_a_missing_hub_like_dense_model, ["--dense_model nowhere/dense: folder not found",
+                                                  "not reachable offline"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "words"), COMMAND_MISTAKES, ids=[m.__name__[1:] for m, _ in COMMAND_MISTAKES])
+def test_command_mistakes_fail_early_with_a_clear_error(tmp_path, monkeypatch, make, words):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import audit
+
+    monkeypatch.chdir(tmp_path)  # relative paths of a config file resolve here, where there is no data
+    script, argv = make(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        if script == "run_ceag":
+            config_file = argv[:1] if argv[0].endswith(".yaml") else []  # a config file comes first
+            run_ceag.main([*config_file, "--output_dir", str(out), *argv[len(config_file) :]])
+        else:
+            audit.main([*argv, "--output_dir", str(out), "--digits_variant", "balanced"])
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert not out.exists()

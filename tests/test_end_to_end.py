@@ -4,8 +4,10 @@ over seeds and thread counts by `scripts/benchmark.py` (BENCHMARKS.md, part 0), 
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
@@ -14,10 +16,13 @@ FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "4", "--num_train_ep
         "--buffer_size", "8", "--disable_tqdm", "true"]  # fmt: skip
 
 
-def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys):
+def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path, capsys, check_pipeline):
     out = tmp_path / "run"
-    reports = run_ceag.main(["--output_dir", str(out), *FAST])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, not only the first of each place
+        reports = run_ceag.main(["--output_dir", str(out), *FAST])
     printed = capsys.readouterr().out
+    assert not [w for w in caught if "pin_memory" in str(w.message)]  # the CLI sets what the machine needs
     nft, ceag = reports["nft"], reports["ceag"]
     for report in (nft, ceag):  # invariants of every run, whatever the float outcome
         for split in ("train", "test"):
@@ -45,27 +50,42 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     # the card a person reads on the Hub, and an audit from the folders alone giving the same report
     card = (out / "ceag" / "README.md").read_text()
     assert "## Verdict" in card and "10 judged groups" in card
+    assert str(tmp_path) not in card and "pruned from a dense model (local folder `dense`)" in card
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import audit
 
-    audited = audit.main(
-        [
-            "--dense_model",
-            str(out / "dense"),
-            "--sparse_model",
-            str(out / "ceag"),
-            "--output_dir",
-            str(tmp_path / "a"),
-            "--digits_variant",
-            "imbalanced",
-        ]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        audited = audit.main(
+            [
+                "--dense_model",
+                str(out / "dense"),
+                "--sparse_model",
+                str(out / "ceag"),
+                "--output_dir",
+                str(tmp_path / "a"),
+                "--digits_variant",
+                "imbalanced",
+            ]
+        )
+    assert not [w for w in caught if "pin_memory" in str(w.message)]  # it used to warn at each of 4 passes
     trained = json.loads((out / "ceag" / "report.json").read_text())
     assert audited["splits"] == trained["splits"]
     # one sparsity, one definition: the audit counts the layers the trainer pruned
     assert audited["sparsity"] == pytest.approx(trained["sparsity"], abs=1e-12)
     assert audited["sparsity_definition"] == trained["sparsity_definition"]
     assert audited["sparsity_all_conv_linear"] < audited["sparsity"]  # the first and last layers are dense
+
+    # transformers' pipeline gives each folder's own predictions on grayscale images (8-bit: pixel values within
+    # one grey level of the float digits); it used to crash (a 3-channel 160-px input for a 1-channel model)
+    from sklearn.datasets import load_digits
+
+    from hf_ceag.data import digits_pixel_values
+
+    digits = load_digits().images[:100]
+    images = [np.round(image * 255 / 16).astype(np.uint8)[:, :, None] for image in digits]
+    for name in ("dense", "ceag"):
+        check_pipeline(out / name, images, digits_pixel_values(digits, 16), atol=0.02)
 
     # a second run reuses the dense model; one that asks for other data or another model is refused, and the
     # dense folder is left as it was

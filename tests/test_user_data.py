@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hf_ceag import load_image_dataset
@@ -27,7 +28,7 @@ def make_images(root, n=48):
     return rows
 
 
-def test_imagefolder_end_to_end_through_the_cli(tmp_path):
+def test_imagefolder_end_to_end_through_the_cli(tmp_path, check_pipeline):
     rows = make_images(tmp_path / "images")
     with open(tmp_path / "images" / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file_name", "tone", "label_name"])
@@ -70,6 +71,16 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path):
     assert sum(g["n"] for g in report["splits"]["test"]["groups"]) == report["splits"]["test"]["n"]
     assert (out / "dense" / "model.safetensors").exists() and (out / "ceag" / "model.safetensors").exists()
 
+    # both folders work with transformers' pipeline on the images themselves, with the pixel values (and so the
+    # predictions) the model was trained and evaluated on; it used to resize them to timm's default 160 px
+    data = load_image_dataset(
+        "imagefolder", ["tone"], label_column="label_name", data_dir=str(tmp_path / "images"), image_size=16
+    )
+    pixel_values = torch.stack([row["pixel_values"] for row in data["test"]])
+    images = data["test"].with_format(None)["image"]
+    for name in ("dense", "ceag"):
+        check_pipeline(out / name, images, pixel_values)
+
 
 def test_csv_of_image_paths_and_missing_columns(tmp_path):
     rows = make_images(tmp_path / "images", n=12)
@@ -94,3 +105,36 @@ def test_csv_of_image_paths_and_missing_columns(tmp_path):
         load_image_dataset(
             str(tmp_path / "images" / "labels.csv"), ["skin"], image_column="path", label_column="species"
         )
+
+
+def test_the_common_image_column_and_with_transform_pattern_trains_as_it_is(tiny_model, make_config):
+    """An `image` column turned into `pixel_values` by `dataset.with_transform(...)`: the Trainer's default
+    `remove_unused_columns=True` used to drop `image` before the transform ran (`KeyError: 'image'`). Unused
+    columns are now dropped from the transform's output instead."""
+    import datasets
+
+    from hf_ceag import CEAGTrainer
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 64)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10), "tone": datasets.Value("string")}
+    )
+    data = datasets.Dataset.from_dict(
+        {"image": images, "label": labels.tolist(), "tone": ["light", "dark"] * 32}, features=features
+    )
+
+    def transform(batch):
+        batch["pixel_values"] = [torch.tensor(np.asarray(i.resize((16, 16))), dtype=torch.float32)[None] / 255
+                                 for i in batch["image"]]  # fmt: skip
+        return batch
+
+    data = data.with_transform(transform)
+    config = make_config(mitigation="ceag", group_columns=["tone"], max_steps=4, pruning_end_epoch=0.1)
+    assert config.remove_unused_columns  # the Trainer's default
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=data, eval_dataset={"test": data})
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert trainer.group_report()["splits"]["test"]["n"] == 64
+    assert "eval_test_max_excess_gap" in trainer.evaluate()
