@@ -5,23 +5,24 @@ CEAG ("Balancing Act: Constraining Disparate Impact in Sparse Models", ICLR 2024
 
 from pathlib import Path
 
+from .audit.report import format_report, save_report, split_report
 from .ceag_config import CEAGConfig
 from .ceag_trainer import CEAGTrainer, NonFiniteGuard
-from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem
-from .data import image_processor, load_digits_dataset, load_image_dataset
-from .face_datasets import load_cifar100, load_fairface, load_utkface
-from .gaps import excess_gaps
-from .groups import GROUP_ID_COLUMN, GroupIndex
-from .models import build_classifier, from_timm
-from .pruning import CubicSchedule, MagnitudePruner, prunable_parameters
-from .reference import DenseReference
-from .replay_buffer import ReplayBuffer
-from .report import format_report, save_report, split_report
-from .styled_digits import load_styled_digits_dataset
+from .constraints.gaps import excess_gaps
+from .constraints.problems import EqualizedLossProblem, ExcessAccuracyGapProblem
+from .constraints.reference import DenseReference
+from .constraints.replay_buffer import ReplayBuffer
+from .data.face_datasets import load_cifar100, load_fairface, load_utkface
+from .data.groups import GROUP_ID_COLUMN, GroupIndex
+from .data.images import image_processor, load_digits_dataset, load_image_dataset
+from .data.styled_digits import load_styled_digits_dataset
+from .models.classifiers import build_classifier, from_timm
+from .pruning.magnitude import MagnitudePruner, prunable_parameters
+from .pruning.schedule import CubicSchedule
 
 __version__ = "0.1.0"
 
-EXCESS_ACCURACY_GAP_METRIC = str(Path(__file__).parent / "metrics" / "excess_accuracy_gap")
+EXCESS_ACCURACY_GAP_METRIC = str(Path(__file__).parent / "audit" / "metrics" / "excess_accuracy_gap")
 """Path of the shipped `evaluate` metric: `evaluate.load(hf_ceag.EXCESS_ACCURACY_GAP_METRIC)` works offline."""
 
 __all__ = [

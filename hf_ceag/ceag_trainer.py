@@ -31,24 +31,19 @@ from tqdm.auto import tqdm
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .audit.model_card import build_model_card, model_card_details, violation_warning, write_model_folder_extras
+from .audit.report import build_report, save_report, split_report
 from .ceag_config import CEAGConfig
-from .constrained_state import ConstrainedState
-from .constraints import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
-from .data import check_label_column, keep_columns_after_transform
-from .fairgrape import fairgrape_masks, geometric_sparsities, group_importance
-from .gaps import buffer_excess_gaps
-from .groups import GROUP_ID_COLUMN, GroupIndex, group_counts
-from .model_card import build_model_card, model_card_details, violation_warning, write_model_folder_extras
-from .models import classifier_logits, make_timm_loadable
-from .pruning import (
-    CubicSchedule,
-    MagnitudePruner,
-    fairgrape_round_steps,
-    prunable_parameters,
-    sparsity_definition,
-)
-from .reference import DenseReference
-from .report import build_report, save_report, split_report
+from .constraints.gaps import buffer_excess_gaps
+from .constraints.problems import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .constraints.reference import DenseReference
+from .constraints.state import ConstrainedState
+from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
+from .data.images import check_label_column, keep_columns_after_transform
+from .models.classifiers import classifier_logits, make_timm_loadable
+from .pruning.fairgrape import fairgrape_masks, geometric_sparsities, group_importance
+from .pruning.magnitude import MagnitudePruner, prunable_parameters, sparsity_definition
+from .pruning.schedule import CubicSchedule, fairgrape_round_steps
 
 LABEL_COLUMNS = ("label", "labels")
 

@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_ceag import DataArguments, _has_accelerator, load_data, reproduce_command  # noqa: E402
 
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
-from hf_ceag.groups import GROUP_ID_COLUMN  # noqa: E402
-from hf_ceag.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
-from hf_ceag.pruning import measured_sparsity, sparsity_definition  # noqa: E402
-from hf_ceag.report import build_report, save_report, split_report  # noqa: E402
+from hf_ceag.data.groups import GROUP_ID_COLUMN  # noqa: E402
+from hf_ceag.audit.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
+from hf_ceag.pruning.magnitude import measured_sparsity, sparsity_definition  # noqa: E402
+from hf_ceag.audit.report import build_report, save_report, split_report  # noqa: E402
 
 
 @dataclass

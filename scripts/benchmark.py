@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_ceag
 
 from hf_ceag import CEAGConfig, CEAGTrainer, MagnitudePruner, image_processor, prunable_parameters
-from hf_ceag.fairgrape import fairgrape_masks, greedy_select, group_importance, target_shares
+from hf_ceag.pruning.fairgrape import fairgrape_masks, greedy_select, group_importance, target_shares
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1038,7 +1038,7 @@ def setup_section(settings, argv: list[str], seconds: dict[str, float]) -> str:
                 f"dual lr {recipe['dual_lr']}, buffer {recipe['buffer_size']} (CEAG, EL+RB), "
                 f"ε {recipe['tolerance']}; dense model: {settings.dense_epochs:g} epochs, one per (variant, seed), "
                 "reused by every method and sparsity. The seed also sets the train/test split. Data: `styled` = "
-                "the embedded default (`hf_ceag.styled_digits`: 10,776 augmented training digits, groups plain / "
+                "the embedded default (`hf_ceag.data.styled_digits`: 10,776 augmented training digits, groups plain / "
                 "inverted); `imbalanced` = scikit-learn's raw 8×8 digits grouped by digit, 3 and 8 kept at 20 % of "
                 "their training rows (26–27 rows)."
             ),

@@ -38,14 +38,14 @@ from hf_ceag import (
     load_image_dataset,
     load_styled_digits_dataset,
 )
-from hf_ceag.groups import check_group_columns
-from hf_ceag.models import make_timm_loadable
-from hf_ceag.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.cifar_resnet)
+from hf_ceag.data.groups import check_group_columns
+from hf_ceag.models.classifiers import make_timm_loadable
+from hf_ceag.data.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.models.cifar_resnet)
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
 # The embedded recipe: what the defaults of the generic TrainingArguments become in this script. On the styled
-# digits (hf_ceag.styled_digits), naive fine-tuning of a 97.5 %-sparse test_resnet lets the rare inverted style
+# digits (hf_ceag.data.styled_digits), naive fine-tuning of a 97.5 %-sparse test_resnet lets the rare inverted style
 # lose 2-5 points more accuracy than average; CEAG holds it within ε = 0.01 for about 0.5 points of test accuracy.
 # The window is narrow, so every figure is measured over seeds and thread counts (BENCHMARKS.md, part 0):
 # more epochs let NFT fit the training set too (16 epochs: NFT's gap < 2ε); 98 % sparsity or a constant learning
@@ -102,7 +102,7 @@ class DataArguments:
         default="styled",
         metadata={
             "help": "Embedded data only: 'styled' (default) is 10,776 seeded augmentations of the digits, 10 %% "
-            "of them contrast-inverted, grouped by style (plain / inverted; see hf_ceag.styled_digits); "
+            "of them contrast-inverted, grouped by style (plain / inverted; see hf_ceag.data.styled_digits); "
             "'imbalanced' (the raw 8x8 digits grouped by digit, keeping 20 %% of the training rows of 3 and 8) "
             "and 'balanced' (all of them) are small and fast, for tests.",
             "choices": ["styled", "balanced", "imbalanced"],

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 
 import hf_ceag
 from hf_ceag import CEAGTrainer, split_report
-from hf_ceag.report import TOO_FEW, UNCONSTRAINED, VIOLATED, bootstrap_gap_intervals, wilson_interval
+from hf_ceag.audit.report import TOO_FEW, UNCONSTRAINED, VIOLATED, bootstrap_gap_intervals, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -278,7 +278,7 @@ def test_card_layer_names_follow_the_renames_of_save_pretrained(tmp_path):
     from safetensors import safe_open
     from transformers import ViTConfig, ViTForImageClassification
 
-    from hf_ceag.model_card import saved_parameter_names
+    from hf_ceag.audit.model_card import saved_parameter_names
 
     config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=32, num_labels=3)  # fmt: skip
@@ -306,7 +306,7 @@ def test_card_metadata_when_known_and_a_non_image_model(trained, tmp_path):
     dense = tmp_path / "dense"
     dense.mkdir()
     ModelCard("---\nlicense: mit\n---\n# dense\n").save(dense / "README.md")
-    from hf_ceag.model_card import build_model_card, dense_folder_license, model_task
+    from hf_ceag.audit.model_card import build_model_card, dense_folder_license, model_task
 
     assert dense_folder_license(str(dense)) == "mit"
     # a text classifier is called one, and tagged with its task
@@ -326,7 +326,7 @@ def test_card_metadata_when_known_and_a_non_image_model(trained, tmp_path):
 def test_plot_shows_groups_in_one_order_with_a_legend_and_axis_labels(trained, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from hf_ceag.report import plot_excess_gaps
+    from hf_ceag.audit.report import plot_excess_gaps
 
     report = json.loads(json.dumps(trained.group_report()))
     report["splits"]["test"]["groups"].reverse()  # a split listing its groups in another order

@@ -80,7 +80,7 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     # one grey level of the float digits); it used to crash (a 3-channel 160-px input for a 1-channel model)
     from sklearn.datasets import load_digits
 
-    from hf_ceag.data import digits_pixel_values
+    from hf_ceag.data.images import digits_pixel_values
 
     digits = load_digits().images[:100]
     images = [np.round(image * 255 / 16).astype(np.uint8)[:, :, None] for image in digits]

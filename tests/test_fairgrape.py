@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hf_ceag import MagnitudePruner, prunable_parameters
-from hf_ceag.fairgrape import (
+from hf_ceag.pruning.fairgrape import (
     disparity_std,
     fairgrape_masks,
     geometric_sparsities,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hf_ceag import CEAGConfig, CEAGTrainer
-from hf_ceag.pruning import fairgrape_round_steps
+from hf_ceag.pruning.schedule import fairgrape_round_steps
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_ceag import excess_gaps, split_report
-from hf_ceag.gaps import buffer_excess_gaps
+from hf_ceag.constraints.gaps import buffer_excess_gaps
 
 
 def test_excess_gap_by_hand():

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier
 from hf_ceag import face_datasets as fd
-from hf_ceag.recipes import RECIPE_DATASETS, load_recipe_data
+from hf_ceag.data.recipes import RECIPE_DATASETS, load_recipe_data
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 

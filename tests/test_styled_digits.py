@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_ceag import load_styled_digits_dataset
-from hf_ceag.data import DIGITS_MEAN, DIGITS_STD
+from hf_ceag.data.images import DIGITS_MEAN, DIGITS_STD
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 from hf_ceag import CEAGTrainer, DenseReference
-from hf_ceag.reference import REFERENCE_FILE
+from hf_ceag.constraints.reference import REFERENCE_FILE
 
 
 def dense_statistics_by_hand(model, dataset):

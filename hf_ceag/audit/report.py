@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .gaps import excess_gaps
+from ..constraints.gaps import excess_gaps
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "excess_gaps.png"
@@ -294,10 +294,11 @@ def plot_excess_gaps(report: dict[str, Any], path: str) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Plain-text tables for the terminal, one per split, with the verdicts."""
     eps = report["tolerance"]
-    lines = [
+    header = (
         f"method={report['method']}  tolerance={eps:g}  target_sparsity={report['target_sparsity']}  "
         f"sparsity={report['sparsity']:.4f}"
-    ]
+    )
+    lines = [header]
     for split, data in report["splits"].items():
         lines.append(
             f"[{split}] n={data['n']}  accuracy dense={data['accuracy_dense']:.4f} "

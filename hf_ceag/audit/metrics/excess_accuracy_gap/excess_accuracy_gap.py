@@ -13,7 +13,6 @@ The figures are those of hf_ceag's report (ψ_g = (dense_g − sparse_g) − (de
 import datasets
 import evaluate
 import torch
-
 from hf_ceag.gaps import excess_gaps
 from hf_ceag.report import split_report
 

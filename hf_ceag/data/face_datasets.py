@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import datasets
 from PIL import Image
 
-from .data import _image_transform
+from .images import _image_transform
 
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
 FAIRFACE_RACES = (

@@ -22,8 +22,8 @@ from cooper import CMPState, ConstrainedMinimizationProblem, Constraint, Constra
 from cooper.formulations import Lagrangian
 from cooper.multipliers import DenseMultiplier
 
+from ..data.groups import group_counts, group_means
 from .gaps import buffer_excess_gaps, weighted_mean
-from .groups import group_counts, group_means
 from .reference import DenseReference
 from .replay_buffer import ReplayBuffer
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from .constraints import GroupConstrainedProblem
-from .groups import GroupIndex
-from .pruning import MagnitudePruner
+from ..data.groups import GroupIndex
+from ..pruning.magnitude import MagnitudePruner
+from .problems import GroupConstrainedProblem
 from .reference import DenseReference
 
 STATE_TENSORS = "ceag_state.safetensors"

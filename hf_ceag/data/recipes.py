@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import datasets
 
-from . import cifar_resnet  # noqa: F401  (registers cifar_resnet56 with timm, used by the CIFAR-100 recipe)
+from ..models import cifar_resnet  # noqa: F401  (registers cifar_resnet56 with timm, used by the CIFAR-100 recipe)
 from .face_datasets import (
     CIFAR100_HUB_ID,
     FAIRFACE_CSVS,

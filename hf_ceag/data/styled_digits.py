@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DIGITS_MEAN, DIGITS_STD
+from .images import DIGITS_MEAN, DIGITS_STD
 
 STYLES = ("plain", "inverted")
 _WORK_SIZE = 32  # augmentations are drawn at this resolution, then the images are resized to image_size

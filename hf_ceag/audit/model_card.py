@@ -136,7 +136,7 @@ def template_path() -> Path:
             return Path(str(packaged))
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    return Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
 
 
 def library_versions() -> dict[str, str]:

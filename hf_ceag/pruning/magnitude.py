@@ -1,72 +1,25 @@
-"""Unstructured magnitude pruning with the gradual (cubic) schedule of Zhu & Gupta (2017).
+"""Unstructured magnitude pruning: one boolean mask per prunable weight, nested across prunings.
 
-    s(t) = s_f + (s_0 − s_f) · (1 − (t − t_0) / (t_1 − t_0))³     for t_0 ≤ t ≤ t_1
+Masks are enforced twice:
 
-Masks are recomputed every `frequency` optimizer steps between t_0 and t_1 and are nested (a pruned weight
-never comes back). They are enforced twice:
-
-* on the gradients, by a tensor hook on every prunable weight, so a pruned weight's gradient is zero from the
-  moment autograd produces it: before gradient accumulation, DDP's all-reduce, the fp16 loss scaler's
-  unscaling, the Trainer's gradient clipping and its logged `grad_norm`, and any callback. (Masking in an
-  optimizer pre-step hook comes too late: the Trainer clips before `optimizer.step()`, and the pruned weights'
-  gradients would inflate the clipping norm.)
+* on the gradients, before anything reads them: before gradient accumulation, DDP's all-reduce, the fp16
+  loss scaler's unscaling, the Trainer's gradient clipping and its logged `grad_norm`. `CEAGTrainer` masks
+  them all in one fused call after each backward pass (`MagnitudePruner.mask_gradients`); used on its own,
+  the pruner puts a tensor hook on every prunable weight instead. (Masking in an optimizer pre-step hook
+  comes too late: the Trainer clips before `optimizer.step()`, and the pruned weights' gradients would
+  inflate the clipping norm.)
 * on the weights, by an optimizer post-step hook, so pruned weights stay exactly zero whatever the optimizer
   does with its state (momentum, Adam moments, decoupled weight decay).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 PRUNABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-@dataclass(frozen=True)
-class CubicSchedule:
-    """Target sparsity per optimizer step: cubic ramp from `initial` at `start` to `final` at `end`."""
-
-    initial: float
-    final: float
-    start: int
-    end: int
-    frequency: int
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.initial <= self.final < 1.0:
-            raise ValueError(
-                f"CubicSchedule: need 0 <= initial_sparsity ({self.initial}) <= target_sparsity "
-                f"({self.final}) < 1."
-            )
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"CubicSchedule: need 0 <= start ({self.start}) <= end ({self.end}) steps.")
-        if self.frequency < 1:
-            raise ValueError(f"CubicSchedule: pruning_frequency must be >= 1 step, got {self.frequency}.")
-
-    def sparsity_at(self, step: int) -> float:
-        """s(step): `initial` before `start`, the cubic ramp in between, `final` from `end` on."""
-        if step < self.start:
-            return self.initial
-        if step >= self.end:
-            return self.final
-        progress = (step - self.start) / (self.end - self.start)
-        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
-
-    def is_pruning_step(self, step: int) -> bool:
-        """Whether masks are recomputed after optimizer step `step` (every `frequency` steps, and at `end`)."""
-        if step < self.start or step > self.end:
-            return False
-        return step == self.end or (step - self.start) % self.frequency == 0
-
-
-def fairgrape_round_steps(start: int, end: int, rounds: int) -> list[int]:
-    """Optimizer steps of `rounds` pruning rounds spread evenly over [start, end] (the last one at `end`)."""
-    if rounds == 1:
-        return [end]
-    return sorted({round(start + i * (end - start) / (rounds - 1)) for i in range(rounds)})
 
 
 def prunable_parameters(model: nn.Module, keep_first_last_dense: bool) -> dict[str, nn.Parameter]:

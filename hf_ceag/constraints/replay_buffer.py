@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .groups import group_counts
+from ..data.groups import group_counts
 
 
 class ReplayBuffer:
