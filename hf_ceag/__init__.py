@@ -6,8 +6,9 @@ CEAG ("Balancing Act: Constraining Disparate Impact in Sparse Models", ICLR 2024
 from pathlib import Path
 
 from .audit.report import format_report, save_report, split_report
+from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
-from .ceag_trainer import CEAGTrainer, NonFiniteGuard
+from .ceag_trainer import CEAGTrainer
 from .constraints.gaps import excess_gaps
 from .constraints.problems import EqualizedLossProblem, ExcessAccuracyGapProblem
 from .constraints.reference import DenseReference
@@ -16,6 +17,7 @@ from .data.face_datasets import load_cifar100, load_fairface, load_utkface
 from .data.groups import GROUP_ID_COLUMN, GroupIndex
 from .data.images import image_processor, load_digits_dataset, load_image_dataset
 from .data.styled_digits import load_styled_digits_dataset
+from .models.cifar_resnet import register_timm_models
 from .models.classifiers import build_classifier, from_timm
 from .pruning.magnitude import MagnitudePruner, prunable_parameters
 from .pruning.schedule import CubicSchedule
@@ -50,6 +52,7 @@ __all__ = [
     "load_styled_digits_dataset",
     "load_utkface",
     "prunable_parameters",
+    "register_timm_models",
     "save_report",
     "split_report",
 ]

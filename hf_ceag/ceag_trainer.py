@@ -4,10 +4,14 @@ constraints (CEAG), equalized-loss constraints (EL, EL+RB), or none (NFT).
 The Trainer's own loop runs unchanged. This class overrides only:
 * `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
   (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
-* `create_optimizer`: attaches the pruning masks to the optimizer (pruned weights zeroed after each step;
-  their gradients are masked as autograd produces them, before clipping);
+* `training_step`: masks the pruned weights' gradients after the backward pass, before clipping;
+* `create_optimizer`: attaches the pruning masks to the optimizer (pruned weights zeroed after each step);
 * `train`: computes the dense reference and the step schedule before the first step;
-* `log`: adds the constraint metrics accumulated since the last log.
+* `log`: adds the constraint metrics accumulated since the last log;
+* `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: per-group metrics, reports and cards.
+
+Each concern lives with its owner: the constrained step in `constraints.step`, the pruning schedule and FairGRAPE
+rounds in `pruning.controller` (a callback), datasets in `data.encoding`, reports and cards in `audit`.
 
 A training step never reads a value back to the host (no `.item()`, no data-dependent shape): group counts,
 buffers, readiness and multipliers are fixed-shape tensors, and the metrics accumulate on the device and are
@@ -18,69 +22,49 @@ pads uneven batches). NFT keeps no estimates at all beyond its logs.
 from __future__ import annotations
 
 import inspect
-import math
 import os
-import time
-import warnings
 from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .audit.model_card import build_model_card, model_card_details, violation_warning, write_model_folder_extras
-from .audit.report import build_report, save_report, split_report
+from .audit.model_card import (
+    build_model_card,
+    model_card_details,
+    training_settings,
+    violation_warning,
+    write_model_folder_extras,
+)
+from .audit.predictions import predict_every_row
+from .audit.report import build_report, group_metrics, method_name, save_report, split_report
+from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
-from .constraints.gaps import buffer_excess_gaps
-from .constraints.problems import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference
 from .constraints.state import ConstrainedState
+from .constraints.step import ConstrainedStep
+from .data.encoding import LABEL_COLUMNS, check_labels, encode_eval, encode_split, warn_small_groups
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
-from .data.images import check_label_column, keep_columns_after_transform
+from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable
-from .pruning.fairgrape import fairgrape_masks, geometric_sparsities, group_importance
+from .pruning.controller import PruningController
 from .pruning.magnitude import MagnitudePruner, prunable_parameters, sparsity_definition
-from .pruning.schedule import CubicSchedule, fairgrape_round_steps
+from .pruning.schedule import CubicSchedule
 
-LABEL_COLUMNS = ("label", "labels")
+__all__ = ["CEAGTrainer", "NonFiniteGuard"]
 
 
-class _PruningCallback(TrainerCallback):
-    """Recomputes the masks at the schedule's steps (after the optimizer step, before the next forward), and
-    undoes the dual step of an optimizer step that the fp16 loss scaler skipped."""
-
+class _DualStepUndo(TrainerCallback):
+    # After each optimizer step: undo its dual step if the fp16 loss scaler skipped it.
     def __init__(self, trainer: CEAGTrainer) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._prune_if_scheduled(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._prune_if_scheduled(state.global_step)
-
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._undo_dual_step_if_skipped()
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops training with a clear error when a logged loss or gradient norm is not finite, before anything is
-    saved: a broken model must not be published. Read at logging steps only, where the values are already on
-    the host. Under fp16 the loss scaler skips the steps whose gradients overflow, so only the losses count.
-    (The Trainer replaces a non-finite `loss` by the running mean unless `logging_nan_inf_filter=False`;
-    `CEAGTrainer` also logs `ce_loss` unfiltered.)"""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        keys = ("loss", "ce_loss") if args.fp16 else ("loss", "ce_loss", "grad_norm")
-        bad = {k: logs[k] for k in keys if isinstance((logs or {}).get(k), float) and not math.isfinite(logs[k])}
-        if bad:
-            raise FloatingPointError(
-                f"Training stopped: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step "
-                f"{state.global_step} (epoch {state.epoch or 0:.2f}); the model is broken and was not saved. Lower "
-                "learning_rate, keep max_grad_norm > 0, or train in fp32 (without bf16/fp16) on this machine."
-            )
+        if self.trainer.constrained_step is not None:
+            self.trainer.constrained_step.undo_if_skipped(self.trainer.accelerator.optimizer_step_was_skipped)
 
 
 class CEAGTrainer(Trainer):
@@ -108,11 +92,11 @@ class CEAGTrainer(Trainer):
                 "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
                 f"{config.group_columns}; got {type(train_dataset).__name__}."
             )
-        _check_labels(train_dataset, model, "train")
+        check_labels(train_dataset, model, "train")
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
-        _warn_small_groups(self.group_index, config.buffer_size)
-        params["train_dataset"] = self._encode(train_dataset, "train")
-        params["eval_dataset"] = self._encode_eval(params.get("eval_dataset"), model)
+        warn_small_groups(self.group_index, config.buffer_size)
+        params["train_dataset"] = encode_split(self.group_index, train_dataset, "train")
+        params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
         # refuses a model without prunable layers, still before any training.
@@ -129,43 +113,50 @@ class CEAGTrainer(Trainer):
                 f"{train_groups}: pass the reference computed on this training set, or none."
             )
         self.dense_correct: dict[str, torch.Tensor] = {}
-        self.problem: GroupConstrainedProblem | None = None
-        self.dual_optimizer: torch.optim.Optimizer | None = None
-        self.schedule: CubicSchedule | None = None
-        self._metrics: _StepMetrics | None = None
-        self._multipliers_before_step: torch.Tensor | None = None
-        self._dual_step_moved: torch.Tensor | None = None
+        self.constrained_step: ConstrainedStep | None = None  # built by train(), once the reference is known
         self._step_group_counts: torch.Tensor | None = None
         self._evaluating_split: str | None = None
         self._allow_violated_constraints = False
         self.report: dict[str, Any] | None = None
-        self.pruning_seconds = 0.0
         self.reproduce_command = ""
         self.card_metadata: dict[str, Any] = {}  # defaults of create_model_card's keyword arguments (dataset, ...)
         self._user_compute_metrics, self.compute_metrics = self.compute_metrics, self._metrics_with_groups
-        self.add_callback(_PruningCallback(self))
+        self.pruning = PruningController(
+            self.model, self.pruner, config, self.group_index.num_groups, GROUP_ID_COLUMN,
+            calibration_batches=lambda: (self._prepare_inputs(b) for b in self.get_train_dataloader()),
+            reduce=lambda t: self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t,
+            verbose=self.is_local_process_zero() and not config.disable_tqdm,
+        )  # fmt: skip
+        self.add_callback(self.pruning)
+        self.add_callback(_DualStepUndo(self))
         self.add_callback(NonFiniteGuard())
 
+    @property
+    def problem(self) -> GroupConstrainedProblem | None:
+        """The run's Cooper problem (multipliers, estimates), once `train()` has built it."""
+        return self.constrained_step.problem if self.constrained_step is not None else None
+
+    @property
+    def dual_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the multipliers (None for NFT), once `train()` has built it."""
+        return self.constrained_step.dual_optimizer if self.constrained_step is not None else None
+
+    @property
+    def schedule(self) -> CubicSchedule | None:
+        """The pruning schedule in optimizer steps, once `train()` has resolved it."""
+        return self.pruning.schedule
+
+    @property
+    def pruning_seconds(self) -> float:
+        return self.pruning.seconds
+
+    @property
+    def constraints_active(self) -> bool:
+        """Whether the current step is constrained: a mitigation is set and pruning has ended (or
+        `mitigate_during_pruning`)."""
+        return self.pruning.constraints_active(self.state.global_step)
+
     # ---- datasets ----
-
-    def _encode_eval(self, eval_dataset, model):
-        if eval_dataset is None:
-            return None
-        named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-        encoded = {}
-        for name, dataset in named.items():
-            if not isinstance(dataset, datasets.Dataset):
-                raise TypeError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
-            _check_labels(dataset, model, name)
-            encoded[name] = self._encode(dataset, name)
-        return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
-
-    def _encode(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Add the group id column and drop the raw group columns: only the ids are needed from here on,
-        and every extra column costs time in the datasets formatter on each batch."""
-        encoded = self.group_index.encode(dataset, split)
-        raw = [c for c in self.group_index.columns if c in encoded.column_names and c not in LABEL_COLUMNS]
-        return encoded.remove_columns(raw) if raw else encoded
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -192,7 +183,7 @@ class CEAGTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
         """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
         the pruning schedule, then run `Trainer.train`."""
-        self.schedule = self._resolve_schedule()
+        self.pruning.resolve(len(self.train_dataset))
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         saved = ConstrainedState.load(checkpoint) if checkpoint else None
         if saved is not None:
@@ -205,14 +196,8 @@ class CEAGTrainer(Trainer):
                 self.dense_reference = reference
                 if self.args.should_save:
                     self.dense_reference.save(self.args.output_dir)
-        if self.problem is None or saved is not None:
-            self.problem = self._build_problem(self.dense_reference)
-            self._metrics = None
-            self.dual_optimizer = None
-            if self.args.mitigation != "none":
-                self.dual_optimizer = torch.optim.SGD(
-                    self.problem.dual_parameters(), lr=self.args.dual_lr, maximize=True
-                )
+        if self.constrained_step is None or saved is not None:
+            self.constrained_step = ConstrainedStep.for_run(self.args, self.dense_reference)
         if saved is not None:
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
@@ -231,46 +216,10 @@ class CEAGTrainer(Trainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            self._constrained_state().save(folder)
-
-    def _constrained_state(self) -> ConstrainedState:
-        return ConstrainedState.capture(
-            self.problem,
-            self.dual_optimizer,
-            self.pruner,
-            self.dense_reference,
-            self.dense_correct,
-            self.group_index,
-            self.args.mitigation,
-            self.args.buffer_size,
-        )
-
-    def _steps_per_epoch(self) -> int:
-        args = self.args
-        batch = args.per_device_train_batch_size * max(args.world_size, 1)
-        n = len(self.train_dataset)
-        batches = n // batch if args.dataloader_drop_last else math.ceil(n / batch)
-        return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-
-    def _resolve_schedule(self) -> CubicSchedule:
-        args = self.args
-        per_epoch = self._steps_per_epoch()
-        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-        start = round(args.pruning_start_epoch * per_epoch)
-        end = round(args.resolved_pruning_end_epoch * per_epoch)
-        if end > total:
-            raise ValueError(
-                f"pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} steps) is after the end of training "
-                f"({total} steps, {per_epoch} per epoch): lower pruning_end_epoch or train longer."
-            )
-        if args.mitigation != "none" and not args.mitigate_during_pruning and end >= total:
-            raise ValueError(
-                f"mitigation={args.mitigation!r} with pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} "
-                f"steps) at the end of training ({total} steps): the constraints would never be on, and the run "
-                "would be NFT under another name. Lower pruning_end_epoch, train longer, or set "
-                "mitigate_during_pruning=True."
-            )
-        return CubicSchedule(args.initial_sparsity, args.target_sparsity, start, end, args.pruning_frequency)
+            ConstrainedState.capture(
+                self.problem, self.dual_optimizer, self.pruner, self.dense_reference, self.dense_correct,
+                self.group_index, self.args.mitigation, self.args.buffer_size,
+            ).save(folder)  # fmt: skip
 
     def _compute_dense_statistics(self) -> DenseReference:
         """One eval-mode pass of the (still dense) model over train and eval splits: the reference and the
@@ -285,104 +234,18 @@ class CEAGTrainer(Trainer):
             self.dense_correct[name] = logits.argmax(-1) == labels
         return reference
 
-    @torch.no_grad()
     def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode).
-
-        Its own loop rather than `Trainer.predict`: predicting before `train()` marks the model as prepared
-        in evaluation mode, and accelerate then never wraps it in DDP for training."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        logits, labels = [], []
-        progress = not self.args.disable_tqdm and self.is_local_process_zero()
-        for batch in tqdm(self._every_row_dataloader(dataset), desc=prefix, disable=not progress, leave=False):
-            batch = self._prepare_inputs(batch)
-            target = next(batch[k] for k in LABEL_COLUMNS if k in batch)
-            inputs = {k: v for k, v in batch.items() if k not in self._not_model_inputs}
-            with self.accelerator.autocast():
-                outputs = model(**inputs)
-            batch_logits = classifier_logits(outputs, model).float()
-            batch_logits, target = self.accelerator.gather_for_metrics((batch_logits, target))
-            logits.append(batch_logits.cpu())
-            labels.append(target.cpu())
-        model.train(was_training)
-        groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
-        return torch.cat(logits), torch.cat(labels).long(), groups
-
-    def _every_row_dataloader(self, dataset: datasets.Dataset):
-        # The Trainer's eval loader drops the last partial batch too when `dataloader_drop_last` is set (meant
-        # for training); reference, reports and audits need every row.
-        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
-        try:
-            return self.get_eval_dataloader(dataset)
-        finally:
-            self.args.dataloader_drop_last = drop_last
+        """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode)."""
+        return predict_every_row(self, dataset, prefix)
 
     @property
     def _not_model_inputs(self) -> tuple[str, ...]:
         return (*LABEL_COLUMNS, GROUP_ID_COLUMN, *self.args.group_columns)
 
-    def _build_problem(self, reference: DenseReference) -> GroupConstrainedProblem:
-        device = self.args.device
-        if self.args.mitigation == "equalized_loss":
-            return EqualizedLossProblem(reference, self.args.buffer_size, device=device)
-        # NFT keeps a CEAG problem too, never stepping its duals, to log the estimated gaps.
-        return ExcessAccuracyGapProblem(
-            reference,
-            self.args.buffer_size,
-            self.args.tolerance,
-            device=device,
-            overall_gradient=self.args.surrogate_overall_gradient,
-        )
-
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         self.pruner.attach(optimizer)
         return optimizer
-
-    def _prune_if_scheduled(self, step: int) -> None:
-        if self.schedule is None:
-            return
-        start = time.perf_counter()
-        if self.args.pruning_method == "fairgrape":
-            rounds = fairgrape_round_steps(self.schedule.start, self.schedule.end, self.args.fairgrape_rounds)
-            if step not in rounds:
-                return
-            sparsity = geometric_sparsities(self.args.target_sparsity, len(rounds))[rounds.index(step)]
-            self._fairgrape_round(sparsity, rounds.index(step), len(rounds))
-        elif self.schedule.is_pruning_step(step):
-            self.pruner.prune_to(self.schedule.sparsity_at(step))
-        else:
-            return
-        self.pruning_seconds += time.perf_counter() - start
-
-    def _fairgrape_round(self, sparsity: float, index: int, rounds: int) -> None:
-        """Score every prunable weight per group on calibration batches, then keep per layer the weights that
-        give each group its share of importance (FairGRAPE), nested in the current masks."""
-        batches = (self._prepare_inputs(b) for b in self.get_train_dataloader())
-        importance = group_importance(
-            self.model,
-            self.pruner.parameters,
-            batches,
-            self.group_index.num_groups,
-            masks=self.pruner.masks,
-            group_key=GROUP_ID_COLUMN,
-            max_batches=self.args.fairgrape_calibration_batches,
-        )
-        if self.accelerator.num_processes > 1:  # every process prunes the same weights
-            importance = {k: self.accelerator.reduce(v, reduction="sum") for k, v in importance.items()}
-        self.pruner.load_state_dict(fairgrape_masks(importance, sparsity, self.pruner.masks))
-        if self.is_local_process_zero() and not self.args.disable_tqdm:
-            print(f"FairGRAPE round {index + 1}/{rounds}: sparsity {sparsity:.4f}")
-
-    @property
-    def constraints_active(self) -> bool:
-        """Whether the current step is constrained: a mitigation is set and pruning has ended (or
-        `mitigate_during_pruning`)."""
-        if self.args.mitigation == "none" or self.schedule is None:
-            return False
-        return self.args.mitigate_during_pruning or self.state.global_step >= self.schedule.end
 
     # ---- the step ----
 
@@ -405,32 +268,24 @@ class CEAGTrainer(Trainer):
             logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
         )
         loss = per_sample.mean()
-        if model.training and self.problem is not None:
+        if model.training and self.constrained_step is not None:
             if group_ids is None:
                 raise ValueError(
                     f"CEAGTrainer: the training batch has no {GROUP_ID_COLUMN!r} column. A set_transform or "
                     "data_collator dropped it: pass it through unchanged."
                 )
-            loss = self._constrained_loss(per_sample, logits.detach(), labels, group_ids)
+            loss = self.constrained_step.loss(
+                per_sample,
+                logits.detach().argmax(dim=-1) == labels,
+                group_ids,
+                self._step_group_counts,
+                scale=self.accelerator.num_processes,
+                active=self.constraints_active,
+                # one dual step per optimizer step, once every micro-batch of that step has been observed
+                update_duals=self.accelerator.sync_gradients,
+                gather=self._gather,
+            )
         return (loss, outputs) if return_outputs else loss
-
-    def _constrained_loss(self, per_sample, logits, labels, group_ids) -> torch.Tensor:
-        correct = logits.argmax(dim=-1) == labels
-        if self.args.mitigation != "none":  # NFT needs no estimates: its logs come from `_StepMetrics`
-            self.problem.observe(*self._gather(group_ids, correct, per_sample.detach()))
-        counts, scale = self._step_group_counts, self.accelerator.num_processes
-        loss = per_sample.sum() * scale / counts.sum()
-        if self.constraints_active:
-            # One dual step per optimizer step, once every micro-batch of that step has been observed.
-            update_duals = self.accelerator.sync_gradients
-            state = self.problem.compute_cmp_state(per_sample, group_ids, counts, scale, update_duals)
-            if update_duals:
-                self._dual_step(state)
-            loss = state.compute_primal_lagrangian().lagrangian
-        if self._metrics is None:
-            self._metrics = _StepMetrics(self.problem, self.args.mitigation != "none")
-        self._metrics.record(per_sample.detach(), correct, group_ids)
-        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's prefetch of one optimizer step's micro-batches; also counts each group in the whole
@@ -453,33 +308,13 @@ class CEAGTrainer(Trainer):
             rows = rows[rows[:, 0] >= 0]
         return rows[:, 0].long(), rows[:, 1], rows[:, 2]
 
-    def _dual_step(self, state) -> None:
-        dual = state.compute_dual_lagrangian()
-        if dual.lagrangian is None:
-            return
-        self._multipliers_before_step = self.problem.multiplier.weight.detach().clone()
-        # with no group ready, λ stays put and the step is not counted
-        self._dual_step_moved = self.problem.ready.any().long()
-        self.dual_optimizer.zero_grad(set_to_none=True)
-        dual.lagrangian.backward()
-        self.dual_optimizer.step()
-        self.problem.multiplier.post_step_()
-        self.problem.dual_step_count += self._dual_step_moved
-
-    def _undo_dual_step_if_skipped(self) -> None:
-        before, self._multipliers_before_step = self._multipliers_before_step, None
-        if before is not None and self.accelerator.optimizer_step_was_skipped:
-            with torch.no_grad():
-                self.problem.multiplier.weight.copy_(before)
-            self.problem.dual_step_count -= self._dual_step_moved
-
     # ---- logging ----
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the constraint metrics averaged since the last training log (one read from the device), and
         the measured sparsity."""
-        if "loss" in logs and self._metrics is not None:
-            logs.update(self._metrics.flush(self.accelerator))
+        if "loss" in logs and self.constrained_step is not None:
+            logs.update(self.constrained_step.metrics.flush(self.accelerator))
             logs["sparsity"] = self.pruner.sparsity()
         super().log(logs, *args, **kwargs)
 
@@ -505,7 +340,7 @@ class CEAGTrainer(Trainer):
         if isinstance(target, dict):  # Trainer.evaluate calls back once per named split
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if isinstance(eval_dataset, datasets.Dataset) and GROUP_ID_COLUMN not in eval_dataset.column_names:
-            eval_dataset = self._encode(eval_dataset, "evaluate")
+            eval_dataset = encode_split(self.group_index, eval_dataset, "evaluate")
         self._evaluating_split = (
             eval_dataset if isinstance(eval_dataset, str) else "eval" if eval_dataset is None else ""
         )
@@ -527,19 +362,7 @@ class CEAGTrainer(Trainer):
         correct = torch.as_tensor(logits).argmax(-1) == torch.as_tensor(labels)
         groups = torch.as_tensor(groups).long()
         dense = self.dense_correct.get(self._evaluating_split)
-        if dense is None or dense.numel() != correct.numel():
-            dense = correct  # no dense predictions for this data: accuracies only, ψ_g = 0
-        data = split_report(
-            groups, dense, correct, self.group_index.names, self.args.tolerance,
-            num_constrained_groups=self.group_index.num_groups, min_samples=1, bootstrap_samples=0,
-        )  # fmt: skip
-        metrics["accuracy"] = data["accuracy_sparse"]
-        for group in data["groups"]:
-            metrics[f"accuracy/{group['name']}"] = group["accuracy_sparse"]
-        if dense is not correct:
-            metrics["max_excess_gap"] = data["max_excess_gap"]
-            for group in data["groups"]:
-                metrics[f"excess_gap/{group['name']}"] = group["excess_gap"]
+        metrics.update(group_metrics(groups, dense, correct, self.group_index, self.args.tolerance))
         return metrics
 
     # ---- reports, model card, publishing ----
@@ -564,7 +387,7 @@ class CEAGTrainer(Trainer):
                 seed=self.args.seed,
             )
         self.report = build_report(
-            method=_method_name(self.args),
+            method=method_name(self.args),
             tolerance=self.args.tolerance,
             target_sparsity=self.args.target_sparsity,
             sparsity=self.pruner.sparsity(),
@@ -583,10 +406,8 @@ class CEAGTrainer(Trainer):
         return self.report
 
     def _final_multipliers(self) -> dict[str, float]:
-        if self.problem is None:
-            return {}
         names = self.group_index.names[: self.group_index.num_groups]
-        return dict(zip(names, self.problem.multipliers_tensor().tolist()))
+        return dict(zip(names, self.problem.multipliers_tensor().tolist())) if self.problem is not None else {}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`; after training, also `report.json`, the card `README.md` and its plot."""
@@ -621,7 +442,7 @@ class CEAGTrainer(Trainer):
             report,
             model_name=kwargs.get("model_name") or os.path.basename(os.path.abspath(folder)),
             repo_or_path=self.hub_model_id or self.args.hub_model_id or os.path.abspath(folder),
-            training=self._card_training_settings(),
+            training=training_settings(self.args, self.schedule, list(self.group_index.columns)),
             base_model=kwargs.get("finetuned_from")
             or getattr(getattr(self.model, "config", None), "_name_or_path", None),
             dataset_name=kwargs.get("dataset") if isinstance(kwargs.get("dataset"), str) else None,
@@ -632,21 +453,6 @@ class CEAGTrainer(Trainer):
         )
         save_report(report, folder)
         write_model_folder_extras(report, card, folder)
-
-    def _card_training_settings(self) -> dict[str, Any]:
-        args, schedule = self.args, self.schedule
-        pruning = f"magnitude, {args.pruning_scope}, cubic schedule"
-        if schedule is not None:
-            pruning += f" from step {schedule.start} to {schedule.end}, masks every {schedule.frequency} steps"
-        if args.keep_first_last_dense:
-            pruning += "; first conv and last linear layer kept dense"
-        return {
-            "pruning": pruning,
-            "buffer_size": args.buffer_size,
-            "dual_lr": args.dual_lr,
-            "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
-            "group_columns": list(self.group_index.columns),
-        }
 
     def push_to_hub(self, *args: Any, allow_violated_constraints: bool = False, **kwargs: Any):
         """`Trainer.push_to_hub`, refused (before anything is uploaded) when the model violates its training
@@ -664,113 +470,3 @@ class CEAGTrainer(Trainer):
             return super().push_to_hub(*args, **kwargs)
         finally:
             self._allow_violated_constraints = False
-
-
-class _StepMetrics:
-    """The training-log metrics, summed on the device step after step and read once per log (`flush`).
-
-    Every method: `ce_loss` (a NaN stays NaN, for `NonFiniteGuard`) and `max_excess_gap_window`, the largest
-    ψ_g of the model's training predictions since the last log (this process's batches, summed over processes
-    at the log). With constraints, also what the dual step sees: the largest estimated gap
-    (`max_excess_gap_estimate`, or `max_loss_gap_estimate` for EL) over the ready groups, `multiplier_mean`,
-    `multiplier_max` and `full_buffers`, averaged over the steps where they are defined."""
-
-    def __init__(self, problem: GroupConstrainedProblem, constrained: bool) -> None:
-        self.problem, self.constrained = problem, constrained
-        device = problem.multiplier.weight.device
-        self.gap_name = (
-            "max_excess_gap_estimate" if isinstance(problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
-        )
-        self.window = torch.zeros(2, problem.num_groups, device=device)  # [correct, seen] per group
-        self.sums = torch.zeros(5, device=device)  # ce_loss, gap estimate, multiplier mean/max, full buffers
-        self.counts = torch.zeros(5, device=device)
-        # a non-finite cross-entropy is a broken step: it is kept (the others' -inf means "not defined yet")
-        self.always = torch.tensor([True, False, False, False, False], device=device)
-
-    @torch.no_grad()
-    def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
-        rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
-        self.window.index_add_(1, group_ids.long(), rows)
-        ce = per_sample_loss.float().mean()
-        if not self.constrained:
-            self.sums[0] += ce
-            self.counts[0] += 1
-            return
-        problem = self.problem
-        multipliers = problem.multiplier.weight.detach()
-        values = torch.stack([
-            ce,
-            problem.estimated_gaps().masked_fill(~problem.ready, float("-inf")).max(),
-            multipliers.mean(),
-            multipliers.max(),
-            problem.ready.sum().float(),
-        ])  # fmt: skip
-        defined = torch.isfinite(values) | self.always
-        self.sums += torch.where(defined, values, 0.0)
-        self.counts += defined
-
-    def flush(self, accelerator) -> dict[str, float]:
-        window = self.window
-        if accelerator.num_processes > 1:
-            window = accelerator.reduce(window, reduction="sum")
-        reference = self.problem.reference
-        psi = buffer_excess_gaps(
-            reference["group_accuracy"],
-            window[0] / window[1].clamp(min=1),
-            reference["group_weights"],
-            window[1] > 0,
-        )
-        window_max = torch.where(window[1] > 0, psi, float("-inf")).max().reshape(1)
-        values = torch.cat([self.sums, self.counts, window_max]).tolist()  # the one read from the device
-        sums, counts, window_max = values[:5], values[5:10], values[10]
-        names = ["ce_loss", self.gap_name, "multiplier_mean", "multiplier_max", "full_buffers"]
-        logs = {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
-        if math.isfinite(window_max):
-            logs["max_excess_gap_window"] = window_max
-        self.window.zero_()
-        self.sums.zero_()
-        self.counts.zero_()
-        return logs
-
-
-def _method_name(args: CEAGConfig) -> str:
-    if args.pruning_method == "fairgrape":
-        return "fairgrape"
-    if args.mitigation == "none":
-        return "nft"
-    if args.mitigation == "equalized_loss":
-        return "el+rb" if args.buffer_size > 0 else "el"
-    return "ceag"
-
-
-def _check_labels(dataset: datasets.Dataset, model, split: str) -> None:
-    column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
-    if column is None:
-        raise ValueError(
-            f"The {split} dataset has no label column (expected one of {LABEL_COLUMNS}); columns: "
-            f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
-        )
-    check_label_column(dataset, column, split)
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if num_labels is None:
-        return
-    values = torch.as_tensor(dataset.with_format(None)[column])
-    if values.numel() and (values.min() < 0 or values.max() >= num_labels):
-        bad = values[(values < 0) | (values >= num_labels)].unique().tolist()[:10]
-        raise ValueError(
-            f"{split} column {column!r} holds label(s) {bad} outside the model's classes 0..{num_labels - 1}: "
-            "build the model with num_labels covering every class, or map the labels to 0..num_labels-1."
-        )
-
-
-def _warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
-    # Buffers carry over between epochs, so a small group's buffer does fill, after buffer_size / n epochs;
-    # but it then holds some images twice, and its estimate reacts to the model more slowly.
-    small = [f"{name} (n={n})" for name, n in zip(index.names, index.train_counts) if n < buffer_size]
-    if small:
-        warnings.warn(
-            f"Group(s) {small} have fewer training samples than buffer_size={buffer_size}: their buffers fill "
-            "only after more than one epoch and then repeat images, so their constraints start late and react "
-            "slowly. Consider a smaller buffer_size or merging groups.",
-            stacklevel=3,
-        )

@@ -40,7 +40,8 @@ from hf_ceag import (
 )
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.models.classifiers import make_timm_loadable
-from hf_ceag.data.recipes import load_recipe_data  # also registers cifar_resnet56 with timm (hf_ceag.models.cifar_resnet)
+from hf_ceag.data.recipes import load_recipe_data
+from hf_ceag.models.cifar_resnet import register_timm_models
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -276,6 +277,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
+    register_timm_models()  # a saved cifar_resnet56 needs it to load
     model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
     trainer = CEAGTrainer(
         model=model,

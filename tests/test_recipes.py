@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
 from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier
-from hf_ceag import face_datasets as fd
+from hf_ceag.data import face_datasets as fd
 from hf_ceag.data.recipes import RECIPE_DATASETS, load_recipe_data
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
@@ -453,3 +453,20 @@ def test_configs_readme_commands_parse():
         parser.set_defaults(**run_ceag.RECIPE_DEFAULTS)
         script, config = run_ceag.parse_arguments(parser, [str(CONFIG_DIR.parent / args[0]), *args[1:]])
         assert config.output_dir.startswith("outputs/") and script.methods
+
+
+def test_extra_timm_architectures_are_registered_explicitly_not_on_import():
+    """No import-time side effect: importing hf_ceag (recipes and models included) leaves timm's registry alone;
+    `register_timm_models()` adds `cifar_resnet56`, and a second call changes nothing (timm would warn)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, timm, hf_ceag, hf_ceag.data.recipes, hf_ceag.models.cifar_resnet\n"
+        "assert not timm.is_model('cifar_resnet56')\n"
+        "warnings.simplefilter('error')\n"
+        "hf_ceag.register_timm_models(); hf_ceag.register_timm_models()\n"
+        "assert timm.is_model('cifar_resnet56')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_ceag import CEAGTrainer
+from hf_ceag.constraints.step import ConstrainedStep
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -150,8 +151,8 @@ def test_one_dual_step_per_optimizer_step_and_none_when_the_step_is_skipped(
     config = make_config(mitigation="ceag", dual_lr=0.5, tolerance=0.0, gradient_accumulation_steps=2, max_steps=8)
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     calls = []
-    original = CEAGTrainer._dual_step
-    monkeypatch.setattr(CEAGTrainer, "_dual_step", lambda self, state: (calls.append(1), original(self, state)))
+    original = ConstrainedStep._dual_step
+    monkeypatch.setattr(ConstrainedStep, "_dual_step", lambda self, state: (calls.append(1), original(self, state)))
     trainer.train()
     constrained_steps = config.max_steps - trainer.schedule.end
     assert len(calls) == constrained_steps > 0

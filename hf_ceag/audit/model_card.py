@@ -179,6 +179,22 @@ def _eval_results(report: dict[str, Any], dataset_name: str, task: str) -> list[
     return results
 
 
+def training_settings(args, schedule, group_columns: list[str]) -> dict[str, Any]:
+    """The card's "Training" facts from a `CEAGConfig` and its resolved `CubicSchedule` (None before training)."""
+    pruning = f"magnitude, {args.pruning_scope}, cubic schedule"
+    if schedule is not None:
+        pruning += f" from step {schedule.start} to {schedule.end}, masks every {schedule.frequency} steps"
+    if args.keep_first_last_dense:
+        pruning += "; first conv and last linear layer kept dense"
+    return {
+        "pruning": pruning,
+        "buffer_size": args.buffer_size,
+        "dual_lr": args.dual_lr,
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
+        "group_columns": group_columns,
+    }
+
+
 def violation_warning(report: dict[str, Any]) -> str | None:
     """The warning text if the training constraints are violated, else None."""
     train = report["splits"].get("train")

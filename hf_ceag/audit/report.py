@@ -167,6 +167,39 @@ def split_report(
     }
 
 
+def group_metrics(
+    groups: torch.Tensor, dense_correct: torch.Tensor | None, correct: torch.Tensor, group_index, tolerance: float
+) -> dict[str, float]:
+    """`evaluate()`'s per-group figures from one prediction pass: `accuracy` and `accuracy/<group>`; with the
+    dense model's per-sample correctness on the same rows, also `max_excess_gap` and `excess_gap/<group>`."""
+    dense = dense_correct
+    if dense is None or dense.numel() != correct.numel():
+        dense = correct  # no dense predictions for this data: accuracies only, ψ_g = 0
+    data = split_report(
+        groups, dense, correct, group_index.names, tolerance,
+        num_constrained_groups=group_index.num_groups, min_samples=1, bootstrap_samples=0,
+    )  # fmt: skip
+    metrics = {"accuracy": data["accuracy_sparse"]}
+    for group in data["groups"]:
+        metrics[f"accuracy/{group['name']}"] = group["accuracy_sparse"]
+    if dense is not correct:
+        metrics["max_excess_gap"] = data["max_excess_gap"]
+        for group in data["groups"]:
+            metrics[f"excess_gap/{group['name']}"] = group["excess_gap"]
+    return metrics
+
+
+def method_name(args) -> str:
+    """The method a `CEAGConfig` runs, as reports and benchmarks name it: fairgrape, nft, el, el+rb or ceag."""
+    if args.pruning_method == "fairgrape":
+        return "fairgrape"
+    if args.mitigation == "none":
+        return "nft"
+    if args.mitigation == "equalized_loss":
+        return "el+rb" if args.buffer_size > 0 else "el"
+    return "ceag"
+
+
 def verdict(split: str, data: dict[str, Any], tolerance: float) -> str:
     """One plain sentence on whether every group of a split is within ε."""
     judged = sum(g["status"] in (SATISFIED, VIOLATED) for g in data["groups"])

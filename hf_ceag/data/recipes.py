@@ -2,8 +2,9 @@
 
 `--dataset_name utkface` (with `--data_dir`), `fairface` (with `--data_dir`, or without it from the Hub),
 `HuggingFaceM4/FairFace` and `uoft-cs/cifar100` load through the loaders in `face_datasets`; the group columns
-named in the config pick the grouping (`race`, or `race` and `gender`; `fine_label` for CIFAR-100). Importing
-this module also registers the `cifar_resnet56` architecture with timm.
+named in the config pick the grouping (`race`, or `race` and `gender`; `fine_label` for CIFAR-100). The
+CIFAR-100 recipe's `cifar_resnet56` is registered with timm by `hf_ceag.register_timm_models()` (which
+`build_classifier` calls).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Sequence
 
 import datasets
 
-from ..models import cifar_resnet  # noqa: F401  (registers cifar_resnet56 with timm, used by the CIFAR-100 recipe)
 from .face_datasets import (
     CIFAR100_HUB_ID,
     FAIRFACE_CSVS,

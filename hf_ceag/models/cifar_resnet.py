@@ -6,24 +6,26 @@ and 64 channels (strides 1, 2, 2); a stage that halves the resolution uses the p
 paper (option A: subsample, then zero-pad the new channels), so the network has exactly 1 + 2·27 = 55
 convolutions and one linear layer (0.85 M parameters with 10 classes).
 
-Importing this module registers the architecture, after which every timm/transformers entry point knows it:
+`register_timm_models()` registers the architecture with timm (importing this module does not), after which
+every timm/transformers entry point knows it; `hf_ceag.build_classifier` calls it:
 
-    import hf_ceag.cifar_resnet  # noqa: F401  (registers cifar_resnet56 with timm)
+    hf_ceag.register_timm_models()
     model = hf_ceag.build_classifier("cifar_resnet56", num_labels=100)      # TimmWrapperForImageClassification
     model = AutoModelForImageClassification.from_pretrained("outputs/cifar100/ceag")  # a saved one
 
-A saved `cifar_resnet56` folder therefore needs this import (hence hf_ceag installed) to load; the timm
+A saved `cifar_resnet56` folder therefore needs that call (hence hf_ceag installed) to load; the timm
 architectures (`mobilenetv2_100`, `resnet34`, ...) do not.
 """
 
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["CifarResNet", "cifar_resnet56"]  # register_model appends the entry point names here
+__all__ = ["CifarResNet", "cifar_resnet56", "register_timm_models"]
 
 CIFAR100_MEAN, CIFAR100_STD = (0.507, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)
 
@@ -141,7 +143,6 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-56 for 32×32 inputs: 3 stages × 9 basic blocks, 16/32/64 channels (no pretrained weights)."""
     if pretrained:
@@ -151,3 +152,9 @@ def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
         )
     kwargs.pop("pretrained_cfg_overlay", None)
     return build_model_with_cfg(CifarResNet, "cifar_resnet56", pretrained=False, depth_per_stage=9, **kwargs)
+
+
+def register_timm_models() -> None:
+    """Register hf-ceag's extra architectures (`cifar_resnet56`) with timm; calling it again does nothing."""
+    if not timm.is_model("cifar_resnet56"):
+        register_model(cifar_resnet56)

@@ -15,6 +15,8 @@ from transformers import (
     TimmWrapperForImageClassification,
 )
 
+from .cifar_resnet import register_timm_models
+
 
 def build_classifier(
     name_or_path: str,
@@ -33,6 +35,7 @@ def build_classifier(
     """
     import timm
 
+    register_timm_models()  # also for a saved folder of one of hf-ceag's own timm architectures
     id2label = id2label or {i: str(i) for i in range(num_labels)}
     label2id = {v: k for k, v in id2label.items()}
     if os.path.isdir(name_or_path) or "/" in name_or_path:

@@ -1,0 +1,164 @@
+"""The constraint side of a training step: what `CEAGTrainer.compute_loss` hands over once the model has run.
+
+Per micro-batch: record the (gathered) batch in the per-group estimates, take the dual step once per optimizer
+step (when its last micro-batch has been observed), and return the primal Lagrangian; undo the dual step of an
+optimizer step the fp16 loss scaler skipped. Everything stays on the device: the training-log metrics are summed
+there and read once per log (`StepMetrics`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .gaps import buffer_excess_gaps
+from .problems import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
+from .reference import DenseReference
+
+Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class ConstrainedStep:
+    """The problem of a run, its dual optimizer (None for NFT: no dual step, no estimates) and its log metrics."""
+
+    def __init__(self, problem: GroupConstrainedProblem, dual_optimizer: torch.optim.Optimizer | None) -> None:
+        self.problem, self.dual_optimizer = problem, dual_optimizer
+        self.metrics = StepMetrics(problem, constrained=dual_optimizer is not None)
+        self._multipliers_before_step: torch.Tensor | None = None
+        self._dual_step_moved: torch.Tensor | None = None
+
+    @classmethod
+    def for_run(cls, args, reference: DenseReference) -> ConstrainedStep:
+        """The problem `args.mitigation` asks for (NFT keeps a CEAG problem, never stepping its duals, for its
+        logs), on `args.device`, with plain SGD ascent on the multipliers at `args.dual_lr`."""
+        if args.mitigation == "equalized_loss":
+            problem = EqualizedLossProblem(reference, args.buffer_size, device=args.device)
+        else:
+            problem = ExcessAccuracyGapProblem(
+                reference,
+                args.buffer_size,
+                args.tolerance,
+                device=args.device,
+                overall_gradient=args.surrogate_overall_gradient,
+            )
+        dual_optimizer = None
+        if args.mitigation != "none":
+            dual_optimizer = torch.optim.SGD(problem.dual_parameters(), lr=args.dual_lr, maximize=True)
+        return cls(problem, dual_optimizer)
+
+    def loss(
+        self,
+        per_sample: torch.Tensor,
+        correct: torch.Tensor,
+        group_ids: torch.Tensor,
+        step_group_counts: torch.Tensor,
+        scale: int,
+        active: bool,
+        update_duals: bool,
+        gather: Gather,
+    ) -> torch.Tensor:
+        """This micro-batch's share of the step's loss: the mean cross-entropy over the whole step's batch
+        (`step_group_counts`, over all micro-batches and processes; times `scale`, the processes, whose gradients
+        DDP averages), or while the constraints are `active` the primal Lagrangian, after the dual step when
+        `update_duals` (the step's last micro-batch). `gather` brings every process's rows, in rank order."""
+        if self.dual_optimizer is not None:  # NFT needs no estimates: its logs come from `StepMetrics`
+            self.problem.observe(*gather(group_ids, correct, per_sample.detach()))
+        loss = per_sample.sum() * scale / step_group_counts.sum()
+        if active:
+            state = self.problem.compute_cmp_state(per_sample, group_ids, step_group_counts, scale, update_duals)
+            if update_duals:
+                self._dual_step(state)
+            loss = state.compute_primal_lagrangian().lagrangian
+        self.metrics.record(per_sample.detach(), correct, group_ids)
+        return loss
+
+    def _dual_step(self, state) -> None:
+        dual = state.compute_dual_lagrangian()
+        if dual.lagrangian is None:
+            return
+        problem = self.problem
+        self._multipliers_before_step = problem.multiplier.weight.detach().clone()
+        # with no group ready, λ stays put and the step is not counted
+        self._dual_step_moved = problem.ready.any().long()
+        self.dual_optimizer.zero_grad(set_to_none=True)
+        dual.lagrangian.backward()
+        self.dual_optimizer.step()
+        problem.multiplier.post_step_()
+        problem.dual_step_count += self._dual_step_moved
+
+    def undo_if_skipped(self, skipped: bool) -> None:
+        """After the optimizer step: if it was `skipped` (fp16 overflow), put λ and the dual-step count back."""
+        before, self._multipliers_before_step = self._multipliers_before_step, None
+        if before is not None and skipped:
+            with torch.no_grad():
+                self.problem.multiplier.weight.copy_(before)
+            self.problem.dual_step_count -= self._dual_step_moved
+
+
+class StepMetrics:
+    """The training-log metrics, summed on the device step after step and read once per log (`flush`).
+
+    Every method: `ce_loss` (a NaN stays NaN, for `NonFiniteGuard`) and `max_excess_gap_window`, the largest
+    ψ_g of the model's training predictions since the last log (this process's batches, summed over processes
+    at the log). With constraints, also what the dual step sees: the largest estimated gap
+    (`max_excess_gap_estimate`, or `max_loss_gap_estimate` for EL) over the ready groups, `multiplier_mean`,
+    `multiplier_max` and `full_buffers`, averaged over the steps where they are defined."""
+
+    def __init__(self, problem: GroupConstrainedProblem, constrained: bool) -> None:
+        self.problem, self.constrained = problem, constrained
+        device = problem.multiplier.weight.device
+        self.gap_name = (
+            "max_excess_gap_estimate" if isinstance(problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
+        )
+        self.window = torch.zeros(2, problem.num_groups, device=device)  # [correct, seen] per group
+        self.sums = torch.zeros(5, device=device)  # ce_loss, gap estimate, multiplier mean/max, full buffers
+        self.counts = torch.zeros(5, device=device)
+        # a non-finite cross-entropy is a broken step: it is kept (the others' -inf means "not defined yet")
+        self.always = torch.tensor([True, False, False, False, False], device=device)
+
+    @torch.no_grad()
+    def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
+        rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
+        self.window.index_add_(1, group_ids.long(), rows)
+        ce = per_sample_loss.float().mean()
+        if not self.constrained:
+            self.sums[0] += ce
+            self.counts[0] += 1
+            return
+        problem = self.problem
+        multipliers = problem.multiplier.weight.detach()
+        values = torch.stack([
+            ce,
+            problem.estimated_gaps().masked_fill(~problem.ready, float("-inf")).max(),
+            multipliers.mean(),
+            multipliers.max(),
+            problem.ready.sum().float(),
+        ])  # fmt: skip
+        defined = torch.isfinite(values) | self.always
+        self.sums += torch.where(defined, values, 0.0)
+        self.counts += defined
+
+    def flush(self, accelerator) -> dict[str, float]:
+        window = self.window
+        if accelerator.num_processes > 1:
+            window = accelerator.reduce(window, reduction="sum")
+        reference = self.problem.reference
+        psi = buffer_excess_gaps(
+            reference["group_accuracy"],
+            window[0] / window[1].clamp(min=1),
+            reference["group_weights"],
+            window[1] > 0,
+        )
+        window_max = torch.where(window[1] > 0, psi, float("-inf")).max().reshape(1)
+        values = torch.cat([self.sums, self.counts, window_max]).tolist()  # the one read from the device
+        sums, counts, window_max = values[:5], values[5:10], values[10]
+        names = ["ce_loss", self.gap_name, "multiplier_mean", "multiplier_max", "full_buffers"]
+        logs = {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
+        if math.isfinite(window_max):
+            logs["max_excess_gap_window"] = window_max
+        self.window.zero_()
+        self.sums.zero_()
+        self.counts.zero_()
+        return logs

@@ -1,0 +1,71 @@
+"""A dataset as `CEAGTrainer` sees it: labels checked, group columns replaced by one integer id column."""
+
+from __future__ import annotations
+
+import warnings
+
+import datasets
+import torch
+
+from .groups import GroupIndex
+from .images import check_label_column
+
+LABEL_COLUMNS = ("label", "labels")
+
+
+def encode_split(index: GroupIndex, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """Add the group id column and drop the raw group columns: only the ids are needed from here on, and every
+    extra column costs time in the datasets formatter on each batch."""
+    encoded = index.encode(dataset, split)
+    raw = [c for c in index.columns if c in encoded.column_names and c not in LABEL_COLUMNS]
+    return encoded.remove_columns(raw) if raw else encoded
+
+
+def encode_eval(index: GroupIndex, eval_dataset, model) -> datasets.Dataset | dict[str, datasets.Dataset] | None:
+    """`encode_split` for one eval dataset or a dict of named ones, each checked like the training data."""
+    if eval_dataset is None:
+        return None
+    named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+    encoded = {}
+    for name, dataset in named.items():
+        if not isinstance(dataset, datasets.Dataset):
+            raise TypeError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
+        check_labels(dataset, model, name)
+        encoded[name] = encode_split(index, dataset, name)
+    return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
+
+
+def check_labels(dataset: datasets.Dataset, model, split: str) -> None:
+    """Refuse, before any training, a split without a label column, with labels of the wrong type, or with labels
+    outside the model's classes."""
+    column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
+    if column is None:
+        raise ValueError(
+            f"The {split} dataset has no label column (expected one of {LABEL_COLUMNS}); columns: "
+            f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
+        )
+    check_label_column(dataset, column, split)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is None:
+        return
+    values = torch.as_tensor(dataset.with_format(None)[column])
+    if values.numel() and (values.min() < 0 or values.max() >= num_labels):
+        bad = values[(values < 0) | (values >= num_labels)].unique().tolist()[:10]
+        raise ValueError(
+            f"{split} column {column!r} holds label(s) {bad} outside the model's classes 0..{num_labels - 1}: "
+            "build the model with num_labels covering every class, or map the labels to 0..num_labels-1."
+        )
+
+
+def warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
+    """Warn about groups smaller than one replay buffer."""
+    # Buffers carry over between epochs, so a small group's buffer does fill, after buffer_size / n epochs;
+    # but it then holds some images twice, and its estimate reacts to the model more slowly.
+    small = [f"{name} (n={n})" for name, n in zip(index.names, index.train_counts) if n < buffer_size]
+    if small:
+        warnings.warn(
+            f"Group(s) {small} have fewer training samples than buffer_size={buffer_size}: their buffers fill "
+            "only after more than one epoch and then repeat images, so their constraints start late and react "
+            "slowly. Consider a smaller buffer_size or merging groups.",
+            stacklevel=3,
+        )
