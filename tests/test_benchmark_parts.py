@@ -21,6 +21,7 @@ from hf_ceag.benchmarks.formatting import cell, percent
 from hf_ceag.benchmarks.memory import memory_section
 from hf_ceag.benchmarks.methods import method_reading, method_table
 from hf_ceag.benchmarks.overhead import overhead_section
+from hf_ceag.benchmarks.profiling import profile_markdown
 from hf_ceag.benchmarks.recipe import Recipe
 from hf_ceag.benchmarks.scaling import fairgrape_markdown
 from hf_ceag.benchmarks.settings import parse_settings
@@ -247,3 +248,23 @@ def test_merge_device_section_appends_once_and_keeps_the_rest(tmp_path):
         == f"{DEVICE_START}\n\n## Measured on GPU A\n\n- a\n\n## Measured on GPU B\n\n- b\n\n{DEVICE_END}"
     )
     assert device_block("# Benchmarks\n") == ""
+
+
+def test_profile_markdown_counts_the_method_not_the_benchmarks_own_timer():
+    def entry(path, function, cumulative):
+        return (path, 1, function), (1, 1, cumulative / 2, cumulative, {})
+
+    stats = dict(
+        [
+            entry("/x/hf_ceag/ceag_trainer.py", "_constrained_loss", 0.02),
+            entry("/x/cooper/cmp.py", "compute_dual_lagrangian", 0.01),
+            entry("/x/hf_ceag/benchmarks/timing.py", "on_step_end", 0.05),
+            entry("/x/transformers/trainer.py", "get_batch_samples", 0.04),
+        ]
+    )
+    text = profile_markdown({"ceag": (stats, 10)}, {"ceag": "CEAG"}, "ceag")
+    assert "| … of which constraints and estimates (`_constrained_loss`) | 2.00 |" in text
+    assert "| data loading (`get_batch_samples`) | 4.00 |" in text
+    ours = text.split("hf_ceag and cooper functions by cumulative time")[1]
+    assert "ceag_trainer.py:1(_constrained_loss)" in ours and "cmp.py:1(compute_dual_lagrangian)" in ours
+    assert "on_step_end" not in ours
