@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from hf_ceag.benchmarks.document import DEVICE_END, DEVICE_START, device_block
+
 benchmark = pytest.importorskip("scripts.benchmark")
 
 HEADLINE_KEYS = ("ceag_over_nft", "nft_over_plain", "groups_10000_over_10", "ceag_rss_over_nft")
@@ -99,6 +101,6 @@ def test_device_sections_are_merged_once_and_kept_by_a_rewrite(tmp_path):
     benchmark.main(["--merge_device_section", str(second), "--output", str(path)])
     text = path.read_text()
     assert text.startswith("# Benchmarks") and text.index("GPU A") < text.index("GPU B")
-    block = benchmark.device_block(text)
-    assert block.startswith(benchmark.DEVICE_START) and block.endswith(benchmark.DEVICE_END)
+    block = device_block(text)
+    assert block.startswith(DEVICE_START) and block.endswith(DEVICE_END)
     assert "GPU A" in block and "GPU B" in block and "Headline" not in block

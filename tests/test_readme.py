@@ -116,7 +116,9 @@ def test_results_table_is_the_benchmarks_part_0_summary():
 
 def test_benchmark_commands_parse():
     """The README's benchmark lines (the GPU ones cannot run here) name flags the script has."""
-    from scripts import benchmark
+    from hf_ceag.benchmarks.recipe import Recipe
+    from hf_ceag.benchmarks.settings import parse_settings
+    from scripts import run_ceag
 
     lines = [
         line
@@ -130,7 +132,7 @@ def test_benchmark_commands_parse():
     fields = set(CEAGConfig.__dataclass_fields__) | set(ScriptArguments.__dataclass_fields__)
     assert len(lines) >= 3
     for line in lines:
-        _, extra = benchmark.parse_settings(line.split()[2:])  # the benchmark's own flags
+        _, extra = parse_settings(line.split()[2:], Recipe.from_module(run_ceag))  # the benchmark's own flags
         unknown = [f for f in extra if f.startswith("--") and f[2:] not in fields]  # the rest go to the recipe
         assert not unknown, (line, unknown)
     assert any("--device_section" in line for line in lines)

@@ -1,0 +1,122 @@
+"""Part 2 of BENCHMARKS.md: CEAG's overhead per optimizer step against NFT and a plain `transformers.Trainer`
+(and, with --torch_compile_kinds, compiled plain and CEAG) on the same pruned model, data and steps."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+from hf_ceag import CEAGConfig
+from hf_ceag.benchmarks.formatting import verdict
+from hf_ceag.benchmarks.profiling import profile, profile_markdown
+from hf_ceag.benchmarks.settings import TARGETS
+from hf_ceag.benchmarks.timing import fine_tune_args, pruned_model, train_timed
+
+OVERHEAD_KINDS = ("plain", "nft", "ceag")
+COMPILED_KINDS = ("plain+compile", "ceag+compile")  # with --torch_compile_kinds (the device section)
+SHORT_LABELS = {"plain": "plain Trainer", "nft": "NFT", "ceag": "CEAG"}
+OVERHEAD_LABELS = {
+    "plain": "`transformers.Trainer` (plain fine-tuning)",
+    "nft": "`CEAGTrainer`, mitigation none (NFT)",
+    "ceag": "`CEAGTrainer`, mitigation ceag (CEAG)",
+    "plain+compile": "`transformers.Trainer`, `--torch_compile true`",
+    "ceag+compile": "`CEAGTrainer`, CEAG, `--torch_compile true`",
+}
+
+
+def overhead(settings, context: dict, work: str) -> dict[str, Any]:
+    """Seconds per step of plain Trainer, NFT and CEAG on the same pruned model, data and steps: one warm-up
+    run each, then `repeats` rounds with the three interleaved (order rotated each round); medians."""
+    config, sparsity = context["config"], settings.sparsities[0]
+    model = pruned_model(context["dense_dir"], config, sparsity)
+    train = context["data"]["train"]
+
+    def args_for(kind: str, steps: int) -> CEAGConfig:
+        mitigation = "ceag" if kind.startswith("ceag") else "none"
+        compiled = {"torch_compile": True} if kind.endswith("+compile") else {}
+        return fine_tune_args(
+            config, os.path.join(work, "overhead", kind), steps, sparsity, mitigation,
+            dataloader_drop_last=True, **compiled,
+        )  # fmt: skip
+
+    kinds = OVERHEAD_KINDS + (COMPILED_KINDS if settings.torch_compile_kinds else ())
+    for kind in OVERHEAD_KINDS:
+        train_timed(kind, model, args_for(kind, settings.warmup_steps + 2), train, settings.warmup_steps)
+    times = {kind: [] for kind in kinds}
+    for repeat in range(settings.repeats):
+        shift = repeat % len(kinds)
+        order = kinds[shift:] + kinds[:shift]
+        for kind in order:
+            seconds, _ = train_timed(
+                kind, model, args_for(kind, settings.overhead_steps), train, settings.warmup_steps
+            )
+            times[kind].append(seconds)
+    median = {kind: statistics.median(values) for kind, values in times.items()}
+    result = {
+        "times": times,
+        "median": median,
+        "ceag_over_nft": median["ceag"] / median["nft"],
+        "nft_over_plain": median["nft"] / median["plain"],
+        "ceag_over_plain": median["ceag"] / median["plain"],
+        "rows": len(train),
+        "batch": config.per_device_train_batch_size,
+        "buffer_size": config.buffer_size,
+        "sparsity": sparsity,
+        "profiles": {},
+    }
+    profiled = {}  # a target missed: profile both sides of its ratio, and show the numerator's top functions
+    for key, (numerator, denominator) in (
+        ("ceag_over_nft", ("ceag", "nft")),
+        ("nft_over_plain", ("nft", "plain")),
+    ):
+        if result[key] <= TARGETS[key] or settings.device_section:  # cProfile says little about device time
+            continue
+        for kind in (denominator, numerator):
+            if kind not in profiled:
+                args = args_for(kind, settings.overhead_steps)
+                profiled[kind] = profile(kind, model, args, train, settings.warmup_steps)
+        pair = {kind: profiled[kind] for kind in (denominator, numerator)}
+        result["profiles"][key] = profile_markdown(pair, SHORT_LABELS, numerator)
+    return result
+
+
+def overhead_section(settings, over: dict, targets: dict[str, float] | None = None) -> str:
+    """Part 2's markdown from `overhead`'s result: the set-up, ms/step per configuration, each ratio against
+    its target (`TARGETS` unless given), and the profile of any missed target."""
+    intro = (
+        f"The same pruned model (the first dense model above, magnitude-pruned layer-wise to "
+        f"{over['sparsity']:.0%}), the same {over['rows']} training rows, batch {over['batch']}, "
+        f"{settings.overhead_steps} optimizer steps per run, every batch full (`dataloader_drop_last`). NFT and "
+        "CEAG reach the target sparsity at step 0; "
+        f"CEAG's constraints are on from step 0 (buffer {over['buffer_size']}, one dual step per step). Timed "
+        f"with a `TrainerCallback` from the end of step {settings.warmup_steps} to the end of the last step: the "
+        "training loop only — not the dense-reference pass `CEAGTrainer` makes before training, nor trainer "
+        f"set-up. One untimed warm-up run per configuration, then {settings.repeats} round(s) with the "
+        "configurations interleaved (order rotated); medians."
+    )
+    if any(kind.endswith("+compile") for kind in over["median"]):
+        intro += (
+            " With `--torch_compile true` the untimed steps at the start of each run hold the compilation, so "
+            "those configurations have no warm-up run (the Trainer compiles the model again in every run)."
+        )
+    lines = [
+        "## 2. Overhead per step",
+        "",
+        intro,
+        "",
+        "| configuration | ms/step (median) | steps/s | every run (ms/step) |",
+        "|---|---:|---:|---|",
+    ]
+    for kind in over["median"]:
+        median = over["median"][kind]
+        runs = ", ".join(f"{1000 * t:.1f}" for t in over["times"][kind])
+        lines.append(f"| {OVERHEAD_LABELS[kind]} | {1000 * median:.1f} | {1 / median:.1f} | {runs} |")
+    lines.append("")
+    targets = targets or {key: TARGETS[key] for key in ("ceag_over_nft", "nft_over_plain")}
+    labels = {"ceag_over_nft": "CEAG / NFT", "nft_over_plain": "NFT / plain", "ceag_over_plain": "CEAG / plain"}
+    for key, target in targets.items():
+        lines.append(f"- {labels[key]} step time: **{over[key]:.3f}** ({verdict(over[key], target)})")
+    for key, explanation in over["profiles"].items():
+        lines += ["", f"### Profile: {key} missed its target", "", explanation]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Timed training loops: a `TrainerCallback` that times every optimizer step, fine-tuning of an already pruned
+model with a plain `transformers.Trainer` or a `CEAGTrainer`, and the arguments of such a run."""
+
+from __future__ import annotations
+
+import copy
+import cProfile
+import dataclasses
+import time
+
+import datasets
+import torch
+from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, set_seed
+
+from hf_ceag import CEAGConfig, CEAGTrainer, MagnitudePruner, prunable_parameters
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time includes it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock time at the end of every optimizer step; optionally profiles the steps after the warm-up."""
+
+    def __init__(self, warmup: int, profiler: cProfile.Profile | None = None) -> None:
+        self.warmup, self.profiler, self.times = warmup, profiler, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize()
+        self.times.append(time.perf_counter())
+        if self.profiler is not None and len(self.times) == self.warmup:
+            self.profiler.enable()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.disable()
+
+    def seconds_per_step(self) -> float:
+        """Mean time of the steps after the warm-up (from the end of step `warmup` to the end of the last)."""
+        steady = self.times[self.warmup - 1 :]
+        return (steady[-1] - steady[0]) / (len(steady) - 1)
+
+
+def train_timed(kind: str, model, args: CEAGConfig, train: datasets.Dataset, warmup: int, profiler=None):
+    """Fine-tune a copy of `model` for `args.max_steps` steps; seconds per step after the warm-up, and the
+    trainer. `kind` 'plain' is a `transformers.Trainer` (group columns dropped), else a `CEAGTrainer`."""
+    set_seed(args.seed)
+    timer = StepTimer(warmup, profiler)
+    model = copy.deepcopy(model)
+    if kind.startswith("plain"):
+        data = train.remove_columns([c for c in args.group_columns if c in train.column_names])
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+    else:
+        trainer = CEAGTrainer(model=model, args=args, train_dataset=train, callbacks=[timer])
+    trainer.train()
+    return timer.seconds_per_step(), trainer
+
+
+def fine_tune_args(config: CEAGConfig, output_dir: str, steps: int, sparsity: float, mitigation: str, **kw):
+    """Fine-tuning of an already pruned model: target sparsity reached at step 0, constraints on from step 0."""
+    schedule = {"pruning_method": "magnitude", "pruning_start_epoch": 0.0, "pruning_end_epoch": 0.0}
+    return dataclasses.replace(
+        config,
+        output_dir=output_dir,
+        max_steps=steps,
+        target_sparsity=sparsity,
+        mitigation=mitigation,
+        mitigate_during_pruning=True,
+        save_strategy="no",
+        eval_strategy="no",
+        **schedule,
+        **kw,
+    )
+
+
+def pruned_model(dense_dir: str, config: CEAGConfig, sparsity: float):
+    """The dense model, magnitude-pruned to `sparsity` with the run's scope."""
+    model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
+    MagnitudePruner(prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope).prune_to(
+        sparsity
+    )
+    return model
