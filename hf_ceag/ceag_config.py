@@ -55,6 +55,16 @@ class CEAGConfig(TrainingArguments):
             "can collapse (seen at 99%% sparsity)."
         },
     )
+    constraint_split: float = field(
+        default=0.0,
+        metadata={
+            "help": "Held-out duals: the fraction of the training rows (stratified by group) kept out of the "
+            "primal step; the dual step's accuracy estimates come from the model's eval-mode predictions on "
+            "those rows (one batch of them per micro-batch), against the dense model's accuracy on the same "
+            "rows, so that the constraints aim at accuracy on data the primal step has not seen (Cotter et al. "
+            "2019). 0 = the paper's scheme: estimates from the training batches themselves."
+        },
+    )
     target_sparsity: float = field(
         default=0.9, metadata={"help": "Final fraction of zero weights in the pruned layers, in [0, 1)."}
     )
@@ -147,6 +157,16 @@ class CEAGConfig(TrainingArguments):
             raise ValueError(f"dual_lr={self.dual_lr} must be > 0, e.g. 1e-2 (keep it small for stability).")
         if self.buffer_size < 0:
             raise ValueError(f"buffer_size={self.buffer_size} must be >= 0 (0 = mini-batch estimates), e.g. 40.")
+        if not 0.0 <= self.constraint_split < 1.0:
+            raise ValueError(
+                f"constraint_split={self.constraint_split} is outside [0, 1): give the fraction of training rows "
+                "held out for the dual step, e.g. 0.2, or 0 for the paper's scheme."
+            )
+        if self.constraint_split > 0 and self.mitigation == "none":
+            raise ValueError(
+                f"constraint_split={self.constraint_split} with mitigation='none': held-out rows feed the dual "
+                "step, and NFT has none; they would only be taken from training. Set constraint_split=0 for NFT."
+            )
         if self.pruning_method not in PRUNING_METHODS:
             raise ValueError(f"pruning_method={self.pruning_method!r} is not one of {list(PRUNING_METHODS)}.")
         if self.pruning_method == "fairgrape" and self.mitigation != "none":

@@ -39,14 +39,29 @@ from .audit.model_card import (
     write_model_folder_extras,
 )
 from .audit.predictions import predict_every_row
-from .audit.report import build_report, group_metrics, method_name, save_report, split_report
+from .audit.report import (
+    build_report,
+    group_metrics,
+    method_name,
+    save_report,
+    split_descriptions,
+    split_report,
+)
 from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
+from .constraints.held_out import HeldOutRows
 from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference
 from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
-from .data.encoding import LABEL_COLUMNS, check_labels, encode_eval, encode_split, warn_small_groups
+from .data.encoding import (
+    LABEL_COLUMNS,
+    check_labels,
+    encode_eval,
+    encode_split,
+    hold_out_rows,
+    warn_small_groups,
+)
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable
@@ -96,6 +111,11 @@ class CEAGTrainer(Trainer):
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
         warn_small_groups(self.group_index, config.buffer_size)
         params["train_dataset"] = encode_split(self.group_index, train_dataset, "train")
+        self.constraint_dataset: datasets.Dataset | None = None  # held-out duals: rows kept out of the primal step
+        if config.constraint_split > 0:
+            params["train_dataset"], self.constraint_dataset = hold_out_rows(
+                params["train_dataset"], config.constraint_split, config.seed
+            )
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
@@ -114,6 +134,9 @@ class CEAGTrainer(Trainer):
             )
         self.dense_correct: dict[str, torch.Tensor] = {}
         self.constrained_step: ConstrainedStep | None = None  # built by train(), once the reference is known
+        self.constraint_reference: DenseReference | None = None  # the dense model on the held-out rows
+        self._held_out: HeldOutRows | None = None
+        self._micro_batch = 0  # index of the current micro-batch in its optimizer step
         self._step_group_counts: torch.Tensor | None = None
         self._evaluating_split: str | None = None
         self._allow_violated_constraints = False
@@ -190,6 +213,12 @@ class CEAGTrainer(Trainer):
             train_groups = self.group_index.names[: self.group_index.num_groups]
             saved.check_compatible(self.args.mitigation, self.args.buffer_size, train_groups)
             self.dense_reference, self.dense_correct = saved.reference, saved.dense_correct()
+            self.constraint_reference = saved.estimate_reference
+            if (saved.estimate_reference is None) != (self.constraint_dataset is None):
+                raise ValueError(
+                    f"Checkpoint was written with{'out' if saved.estimate_reference is None else ''} held-out duals; "
+                    f"this run has constraint_split={self.args.constraint_split}. Use the checkpoint's setting."
+                )
         elif not self.dense_correct:
             reference = self._compute_dense_statistics()
             if self.dense_reference is None:
@@ -197,7 +226,18 @@ class CEAGTrainer(Trainer):
                 if self.args.should_save:
                     self.dense_reference.save(self.args.output_dir)
         if self.constrained_step is None or saved is not None:
-            self.constrained_step = ConstrainedStep.for_run(self.args, self.dense_reference)
+            self.constrained_step = ConstrainedStep.for_run(
+                self.args, self.dense_reference, self.constraint_reference
+            )
+        if self.constraint_dataset is not None and self.args.mitigation != "none":
+            self._held_out = HeldOutRows(
+                self._remove_unused_columns(self.constraint_dataset, "constraint"),
+                self.args.per_device_train_batch_size,
+                self.args.seed,
+                self.data_collator,
+                self._prepare_inputs,
+                self._not_model_inputs,
+            )
         if saved is not None:
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
@@ -218,21 +258,27 @@ class CEAGTrainer(Trainer):
             )
             ConstrainedState.capture(
                 self.problem, self.dual_optimizer, self.pruner, self.dense_reference, self.dense_correct,
-                self.group_index, self.args.mitigation, self.args.buffer_size,
+                self.group_index, self.args.mitigation, self.args.buffer_size, self.constraint_reference,
             ).save(folder)  # fmt: skip
 
     def _compute_dense_statistics(self) -> DenseReference:
-        """One eval-mode pass of the (still dense) model over train and eval splits: the reference and the
+        """One eval-mode pass of the (still dense) model over every audited split: the reference (on the rows the
+        primal step trains on; with held-out duals also `constraint_reference`, on the held-out rows) and the
         per-sample dense correctness that reports compare against."""
-        logits, labels, groups = self._predict(self.train_dataset, "dense_train")
-        reference = DenseReference.from_predictions(
-            logits, labels, groups, self.group_index.names[: self.group_index.num_groups]
-        )
-        self.dense_correct["train"] = logits.argmax(-1) == labels
-        for name, dataset in self._eval_splits().items():
-            logits, labels, _ = self._predict(dataset, f"dense_{name}")
+        names = self.group_index.names[: self.group_index.num_groups]
+        references = {}
+        for name, dataset in self._audited_splits().items():
+            logits, labels, groups = self._predict(dataset, f"dense_{name}")
             self.dense_correct[name] = logits.argmax(-1) == labels
-        return reference
+            if name in ("train", "constraint"):
+                references[name] = DenseReference.from_predictions(logits, labels, groups, names)
+        self.constraint_reference = references.get("constraint")
+        return references["train"]
+
+    def _audited_splits(self) -> dict[str, datasets.Dataset]:
+        # train = the rows the primal step trains on; constraint = the held-out rows of the dual step, if any
+        held_out = {"constraint": self.constraint_dataset} if self.constraint_dataset is not None else {}
+        return {"train": self.train_dataset, **held_out, **self._eval_splits()}
 
     def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode)."""
@@ -284,6 +330,7 @@ class CEAGTrainer(Trainer):
                 # one dual step per optimizer step, once every micro-batch of that step has been observed
                 update_duals=self.accelerator.sync_gradients,
                 gather=self._gather,
+                held_out=self._held_out_predictions(model),
             )
         return (loss, outputs) if return_outputs else loss
 
@@ -291,6 +338,7 @@ class CEAGTrainer(Trainer):
         """The Trainer's prefetch of one optimizer step's micro-batches; also counts each group in the whole
         step's batch, over all processes, to normalise the step's loss and surrogates."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._micro_batch = 0
         if self.problem is not None:
             ids = [batch[GROUP_ID_COLUMN].reshape(-1) for batch in batch_samples if GROUP_ID_COLUMN in batch]
             ids = torch.cat(ids).to(self.args.device).long() if ids else torch.zeros(0, dtype=torch.long)
@@ -299,6 +347,15 @@ class CEAGTrainer(Trainer):
                 counts = self.accelerator.reduce(counts, reduction="sum")
             self._step_group_counts = counts
         return batch_samples, num_items_in_batch
+
+    def _held_out_predictions(self, model) -> tuple[torch.Tensor, ...] | None:
+        # With held-out duals: this micro-batch's draw of held-out rows, predicted by the bare model.
+        if self._held_out is None:
+            return None
+        draw = self.state.global_step * self.args.gradient_accumulation_steps + self._micro_batch
+        self._micro_batch += 1
+        bare = self.accelerator.unwrap_model(model)
+        return self._held_out.predict(bare, draw, self.args.process_index)
 
     def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This batch from every process, in rank order, so all processes hold identical estimates."""
@@ -373,7 +430,7 @@ class CEAGTrainer(Trainer):
         `self.report`)."""
         if not self.dense_correct:
             raise ValueError("group_report: call train() first (it records the dense model's predictions).")
-        splits = {"train": self.train_dataset, **self._eval_splits()}
+        splits = self._audited_splits()
         reports = {}
         for name, dataset in splits.items():
             logits, labels, groups = self._predict(dataset, f"sparse_{name}")
@@ -401,6 +458,8 @@ class CEAGTrainer(Trainer):
             pruning_method=self.args.pruning_method,
             pruning_seconds=round(self.pruning_seconds, 3),
             dual_steps=self.problem.dual_steps if self.problem is not None else 0,
+            constraint_split=self.args.constraint_split,
+            split_rows=split_descriptions(list(reports), self.args.constraint_split),
             multipliers=self._final_multipliers(),
         )
         return self.report

@@ -271,6 +271,7 @@ def build_model_card(
         target_sparsity=report["target_sparsity"],
         verdicts=[data.get("verdict", "") for data in report["splits"].values()],
         tables=tables,
+        split_rows=report.get("split_rows", {}),
         layer_sparsity={layer_names.get(k, k): v for k, v in report.get("layer_sparsity", {}).items()},
         min_samples=next(iter(report["splits"].values()))["min_samples"],
         repo_or_path=load_from,

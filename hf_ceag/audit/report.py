@@ -189,6 +189,23 @@ def group_metrics(
     return metrics
 
 
+def split_descriptions(splits: list[str], constraint_split: float = 0.0) -> dict[str, str]:
+    """Which rows each split's figures are computed on, as the report and the card state it."""
+    held = constraint_split > 0
+    train = (
+        f"the training rows the primal step trained on ({1 - constraint_split:.0%} of the training set; the "
+        "rest is held out for the dual step)"
+        if held
+        else "the training rows (the primal step trained on them, and the dual step's estimates came from them)"
+    )
+    described = {
+        "train": train,
+        "constraint": f"the {constraint_split:.0%} of the training rows held out from the primal step: the dual "
+        "step's estimates came from the model's predictions on them",
+    }
+    return {name: described.get(name, "evaluation rows, never trained on") for name in splits}
+
+
 def method_name(args) -> str:
     """The method a `CEAGConfig` runs, as reports and benchmarks name it: fairgrape, nft, el, el+rb or ceag."""
     if args.pruning_method == "fairgrape":

@@ -33,17 +33,33 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
 
     `observe()` records a (gathered, detached) batch into the per-group estimates; `compute_cmp_state()`
     builds the Cooper state from the local, differentiable per-sample losses.
+
+    `reference` is the dense model on the rows the primal step trains on (the surrogates' dense losses);
+    `estimate_reference`, when the estimates come from other rows (held-out duals), the dense model on those
+    rows (the accuracies ψ̂_g compares with, and the group shares that weight the overall accuracy).
     """
 
     constraint_type: ConstraintType
     observed_quantity: str  # "correct" or "loss": what the buffers hold
 
-    def __init__(self, reference: DenseReference, buffer_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        reference: DenseReference,
+        buffer_size: int,
+        device: torch.device | str = "cpu",
+        estimate_reference: DenseReference | None = None,
+    ) -> None:
         super().__init__()
         if buffer_size < 0:
             raise ValueError(f"buffer_size must be >= 0 (0 = mini-batch estimates), got {buffer_size}.")
+        if estimate_reference is not None and estimate_reference.group_names != reference.group_names:
+            raise ValueError(
+                f"estimate_reference is for groups {estimate_reference.group_names}, the reference for "
+                f"{reference.group_names}: compute both on the same groups."
+            )
         self.num_groups = reference.num_groups
         self.reference = {k: v.to(device) for k, v in reference.tensors().items()}
+        self.estimate_reference = {k: v.to(device) for k, v in (estimate_reference or reference).tensors().items()}
         self.dense_loss = torch.tensor(reference.loss, dtype=torch.float32, device=device)
         self.multiplier = DenseMultiplier(num_constraints=self.num_groups, device=device)
         self.group_constraint = Constraint(
@@ -72,7 +88,7 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
             self.buffer.update(group_ids, values)
             self.group_estimate = self.buffer.means()
             self.observed = self.ready = self.buffer.is_full
-            self.estimate_weights = self.reference["group_weights"]
+            self.estimate_weights = self.estimate_reference["group_weights"]
         else:
             self.group_estimate, counts = group_means(values, group_ids, self.num_groups)
             self.observed = self.ready = counts > 0
@@ -158,17 +174,18 @@ class ExcessAccuracyGapProblem(GroupConstrainedProblem):
         tolerance: float,
         device: torch.device | str = "cpu",
         overall_gradient: bool = False,
+        estimate_reference: DenseReference | None = None,
     ) -> None:
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0 (an accuracy fraction, e.g. 0.01), got {tolerance}.")
         self.tolerance = tolerance
         self.overall_gradient = overall_gradient
-        super().__init__(reference, buffer_size, device)
+        super().__init__(reference, buffer_size, device, estimate_reference)
 
     def estimated_gaps(self) -> torch.Tensor:
         """ψ̂_g from the estimates (0 for groups not yet observed)."""
         return buffer_excess_gaps(
-            self.reference["group_accuracy"], self.group_estimate, self.estimate_weights, self.observed
+            self.estimate_reference["group_accuracy"], self.group_estimate, self.estimate_weights, self.observed
         )
 
     def strict_violations(self) -> torch.Tensor:

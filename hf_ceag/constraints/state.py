@@ -35,6 +35,7 @@ class ConstrainedState:
     buffer_size: int
     tensors: dict[str, torch.Tensor]
     dual_optimizer: dict | None
+    estimate_reference: DenseReference | None = None  # held-out duals: the dense model on the held-out rows
 
     @classmethod
     def capture(
@@ -47,6 +48,7 @@ class ConstrainedState:
         group_index: GroupIndex,
         mitigation: str,
         buffer_size: int,
+        estimate_reference: DenseReference | None = None,
     ) -> ConstrainedState:
         """Copy the live state (on CPU) out of the trainer's objects."""
         tensors = {
@@ -65,7 +67,7 @@ class ConstrainedState:
         dual = dual_optimizer.state_dict() if dual_optimizer is not None else None
         if dual is not None and dual["state"]:
             raise ValueError("ConstrainedState: only a stateless dual optimizer (plain SGD) can be saved.")
-        return cls(reference, group_index, mitigation, buffer_size, tensors, dual)
+        return cls(reference, group_index, mitigation, buffer_size, tensors, dual, estimate_reference)
 
     def save(self, directory: str) -> None:
         """Write `ceag_state.safetensors` and `ceag_state.json` into `directory`."""
@@ -78,6 +80,7 @@ class ConstrainedState:
             "reference": asdict(self.reference),
             "group_index": self.group_index.to_dict(),
             "dual_optimizer": self.dual_optimizer,
+            "estimate_reference": asdict(self.estimate_reference) if self.estimate_reference else None,
         }
         with open(os.path.join(directory, STATE_JSON), "w") as f:
             json.dump(meta, f, indent=2)
@@ -98,6 +101,10 @@ class ConstrainedState:
         reference = meta["reference"]
         reference.pop("accuracy", None)
         reference.pop("loss", None)
+        estimate = meta.get("estimate_reference")
+        if estimate is not None:
+            estimate.pop("accuracy", None)
+            estimate.pop("loss", None)
         return cls(
             reference=DenseReference(**reference),
             group_index=GroupIndex.from_dict(meta["group_index"]),
@@ -105,6 +112,7 @@ class ConstrainedState:
             buffer_size=meta["buffer_size"],
             tensors=load_file(os.path.join(directory, STATE_TENSORS)),
             dual_optimizer=meta["dual_optimizer"],
+            estimate_reference=DenseReference(**estimate) if estimate is not None else None,
         )
 
     def check_compatible(self, mitigation: str, buffer_size: int, group_names: list[str]) -> None:

@@ -30,11 +30,16 @@ class ConstrainedStep:
         self._dual_step_moved: torch.Tensor | None = None
 
     @classmethod
-    def for_run(cls, args, reference: DenseReference) -> ConstrainedStep:
+    def for_run(
+        cls, args, reference: DenseReference, estimate_reference: DenseReference | None = None
+    ) -> ConstrainedStep:
         """The problem `args.mitigation` asks for (NFT keeps a CEAG problem, never stepping its duals, for its
-        logs), on `args.device`, with plain SGD ascent on the multipliers at `args.dual_lr`."""
+        logs), on `args.device`, with plain SGD ascent on the multipliers at `args.dual_lr`. `estimate_reference`:
+        the dense model on the held-out rows whose predictions the estimates are built from, if any."""
         if args.mitigation == "equalized_loss":
-            problem = EqualizedLossProblem(reference, args.buffer_size, device=args.device)
+            problem = EqualizedLossProblem(
+                reference, args.buffer_size, device=args.device, estimate_reference=estimate_reference
+            )
         else:
             problem = ExcessAccuracyGapProblem(
                 reference,
@@ -42,6 +47,7 @@ class ConstrainedStep:
                 args.tolerance,
                 device=args.device,
                 overall_gradient=args.surrogate_overall_gradient,
+                estimate_reference=estimate_reference,
             )
         dual_optimizer = None
         if args.mitigation != "none":
@@ -58,13 +64,16 @@ class ConstrainedStep:
         active: bool,
         update_duals: bool,
         gather: Gather,
+        held_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """This micro-batch's share of the step's loss: the mean cross-entropy over the whole step's batch
         (`step_group_counts`, over all micro-batches and processes; times `scale`, the processes, whose gradients
         DDP averages), or while the constraints are `active` the primal Lagrangian, after the dual step when
-        `update_duals` (the step's last micro-batch). `gather` brings every process's rows, in rank order."""
+        `update_duals` (the step's last micro-batch). `gather` brings every process's rows, in rank order. The
+        estimates record this batch, or with held-out duals the `held_out` rows' (group ids, correctness, losses)."""
         if self.dual_optimizer is not None:  # NFT needs no estimates: its logs come from `StepMetrics`
-            self.problem.observe(*gather(group_ids, correct, per_sample.detach()))
+            observed = held_out if held_out is not None else (group_ids, correct, per_sample.detach())
+            self.problem.observe(*gather(*observed))
         loss = per_sample.sum() * scale / step_group_counts.sum()
         if active:
             state = self.problem.compute_cmp_state(per_sample, group_ids, step_group_counts, scale, update_duals)

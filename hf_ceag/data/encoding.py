@@ -69,3 +69,30 @@ def warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
             "slowly. Consider a smaller buffer_size or merging groups.",
             stacklevel=3,
         )
+
+
+def hold_out_rows(
+    dataset: datasets.Dataset, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split an encoded training set into (primal rows, held-out rows), stratified by group: each group keeps
+    round(fraction · n_g) of its rows out, chosen by a permutation seeded with `seed`; both parts stay in the
+    original row order. Refused when a group would have no row on either side."""
+    from .groups import GROUP_ID_COLUMN
+
+    ids = torch.as_tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    held = []
+    for group in ids.unique().tolist():  # once, before training
+        rows = order[ids[order] == group]
+        k = round(fraction * rows.numel())
+        if not 0 < k < rows.numel():
+            raise ValueError(
+                f"constraint_split={fraction}: group id {group} has {rows.numel()} training rows, so {k} would be "
+                "held out and the primal step or the dual step would see none of it. Use a split fraction that "
+                "leaves rows on both sides, or merge small groups."
+            )
+        held.append(rows[:k])
+    held_rows = torch.cat(held).sort().values
+    primal = torch.ones(len(ids), dtype=torch.bool)
+    primal[held_rows] = False
+    return dataset.select(primal.nonzero().flatten().tolist()), dataset.select(held_rows.tolist())

@@ -13,8 +13,9 @@ The figures are those of hf_ceag's report (ψ_g = (dense_g − sparse_g) − (de
 import datasets
 import evaluate
 import torch
-from hf_ceag.constraints.gaps import excess_gaps
+
 from hf_ceag.audit.report import split_report
+from hf_ceag.constraints.gaps import excess_gaps
 
 _DESCRIPTION = "Excess accuracy gap ψ_g of every group between a dense and a pruned model (CEAG, ICLR 2024)."
 _CITATION = """@inproceedings{hashemizadeh2024balancing,
