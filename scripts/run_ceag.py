@@ -39,9 +39,9 @@ from hf_ceag import (
     load_styled_digits_dataset,
 )
 from hf_ceag.data.groups import check_group_columns
-from hf_ceag.models.classifiers import make_timm_loadable
 from hf_ceag.data.recipes import load_recipe_data
 from hf_ceag.models.cifar_resnet import register_timm_models
+from hf_ceag.models.classifiers import make_timm_loadable
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -435,10 +435,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if config.process_index == 0:
         for name, report in reports.items():
             print(f"\n=== {name} ===\n{format_report(report)}")
-        print(f"\nSummary (max excess accuracy gap; tolerance {config.tolerance:g}):")
+        print(
+            f"\nSummary (max excess accuracy gap, within or OVER tolerance {config.tolerance:g}; groups satisfied / "
+            "inconclusive / violated by the 95 % interval of their excess gap):"
+        )
         for name, report in reports.items():
             cells = [
-                f"{split} {s['max_excess_gap']:+.4f} ({'within' if s['satisfied'] else 'OVER'})"
+                f"{split} {s['max_excess_gap']:+.4f} ({'within' if s['satisfied'] else 'OVER'}; "
+                f"{s['satisfied_groups']} satisfied, {s['inconclusive_groups']} inconclusive, "
+                f"{s['violated_groups']} violated of {s['judged_groups']})"
                 for split, s in report["splits"].items()
             ]
             print(

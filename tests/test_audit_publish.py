@@ -18,11 +18,25 @@ from huggingface_hub import ModelCard
 
 import hf_ceag
 from hf_ceag import CEAGTrainer, split_report
-from hf_ceag.audit.report import TOO_FEW, UNCONSTRAINED, VIOLATED, bootstrap_gap_intervals, wilson_interval
+from hf_ceag.audit.model_card import build_model_card, violation_warning
+from hf_ceag.audit.report import (
+    INCONCLUSIVE,
+    SATISFIED,
+    STATUS_COLORS,
+    TOO_FEW,
+    UNCONSTRAINED,
+    VIOLATED,
+    bootstrap_gap_intervals,
+    build_report,
+    format_report,
+    gap_status,
+    report_markdown,
+    wilson_interval,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import audit  # noqa: E402
+import audit
 
 
 def test_wilson_interval_by_hand_and_coverage():
@@ -36,40 +50,156 @@ def test_wilson_interval_by_hand_and_coverage():
     assert 0.93 <= coverage <= 0.97, coverage
 
 
+def naive_bootstrap_intervals(groups, dense, sparse, num_groups, rounds=1500, seed=0):
+    """ψ_g's 95 % percentile interval by resampling rows one by one within each group: the ground truth for
+    `bootstrap_gap_intervals`' binomial-chain draws."""
+    rng = random.Random(seed)
+    n = len(groups)
+    rows = {g: [i for i in range(n) if groups[i] == g] for g in range(num_groups)}
+    rows = {g: r for g, r in rows.items() if r}
+    psis = []
+    for _ in range(rounds):
+        picks = {g: [rng.choice(r) for _ in r] for g, r in rows.items()}
+        d = {g: sum(bool(dense[i]) for i in p) / len(p) for g, p in picks.items()}
+        s = {g: sum(bool(sparse[i]) for i in p) / len(p) for g, p in picks.items()}
+        all_d = sum(sum(bool(dense[i]) for i in p) for p in picks.values()) / n
+        all_s = sum(sum(bool(sparse[i]) for i in p) for p in picks.values()) / n
+        psis.append([(d[g] - s[g]) - (all_d - all_s) for g in rows])
+    quantiles = torch.quantile(
+        torch.tensor(psis, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0
+    ).T
+    return dict(zip(rows, quantiles.tolist()))
+
+
 def test_bootstrap_interval_matches_a_naive_resampling_loop():
     gen = torch.Generator().manual_seed(1)
     groups = torch.randint(0, 3, (240,), generator=gen)
     dense = torch.rand(240, generator=gen) < 0.9
     sparse = torch.rand(240, generator=gen) < 0.75
     fast = bootstrap_gap_intervals(groups, dense, sparse, 3, samples=4000, seed=0)
-    rng = random.Random(0)
-    rows = {g: [i for i in range(240) if groups[i] == g] for g in range(3)}
-    psis = []
-    for _ in range(1500):
-        picks = {g: [rng.choice(r) for _ in r] for g, r in rows.items()}
-        d = {g: sum(bool(dense[i]) for i in p) / len(p) for g, p in picks.items()}
-        s = {g: sum(bool(sparse[i]) for i in p) / len(p) for g, p in picks.items()}
-        all_d = sum(sum(bool(dense[i]) for i in p) for p in picks.values()) / 240
-        all_s = sum(sum(bool(sparse[i]) for i in p) for p in picks.values()) / 240
-        psis.append([(d[g] - s[g]) - (all_d - all_s) for g in range(3)])
-    naive = torch.quantile(
-        torch.tensor(psis, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0
-    ).T
-    torch.testing.assert_close(fast, naive, rtol=0, atol=0.02)
+    naive = naive_bootstrap_intervals(groups, dense, sparse, 3)
+    torch.testing.assert_close(
+        fast, torch.tensor([naive[g] for g in range(3)], dtype=torch.float64), rtol=0, atol=0.02
+    )
 
 
 def test_statuses_spread_and_counts():
     groups = torch.tensor([0] * 40 + [1] * 40 + [2] * 5 + [3] * 30)
     dense = torch.ones(115, dtype=torch.bool)
     sparse = torch.ones(115, dtype=torch.bool)
-    sparse[:8] = False  # group 0 loses 8/40 = 0.2
+    sparse[:20] = False  # group 0 loses 20/40 = 0.5: its whole ψ_g interval lies above ε
     report = split_report(groups, dense, sparse, ["a", "b", "tiny", "new"], 0.05, num_constrained_groups=3)
     status = {g["name"]: g["status"] for g in report["groups"]}
     assert status == {"a": VIOLATED, "b": "satisfied", "tiny": TOO_FEW, "new": UNCONSTRAINED}
-    overall = 8 / 115
-    assert report["max_excess_gap"] == pytest.approx(0.2 - overall)
-    assert report["excess_gap_spread"] == pytest.approx((0.2 - overall) - (0 - overall))
+    overall = 20 / 115
+    assert report["max_excess_gap"] == pytest.approx(0.5 - overall)
+    assert report["excess_gap_spread"] == pytest.approx((0.5 - overall) - (0 - overall))
     assert report["violated_groups"] == 1 and report["too_few_samples_groups"] == 1 and not report["satisfied"]
+    assert (report["judged_groups"], report["satisfied_groups"], report["inconclusive_groups"]) == (2, 1, 0)
+
+
+TOLERANCE = 0.1
+# name: (rows, rows the sparse model gets wrong; the dense model gets every row right)
+HAND_BUILT = {
+    "clear": (200, 0),  # ψ_g ≈ -0.15: all of its interval below ε
+    "bad": (100, 40),  # ψ_g ≈ +0.25: all of its interval above ε
+    "under": (40, 9),  # ψ_g just under ε, but 40 rows: the interval straddles ε
+    "over": (40, 11),  # ψ_g just over ε, the interval straddles ε too
+    "tiny": (5, 5),  # below min_samples: not judged, whatever its ψ_g
+    "new": (30, 0),  # unseen in training: not constrained
+}
+
+
+def hand_built_split(names=tuple(HAND_BUILT), bootstrap_samples=1000):
+    ids, sparse = [], []
+    for g, name in enumerate(names):
+        rows, wrong = HAND_BUILT[name]
+        ids += [g] * rows
+        sparse += [False] * wrong + [True] * (rows - wrong)
+    groups, sparse = torch.tensor(ids), torch.tensor(sparse)
+    constrained = len(names) - ("new" in names)
+    report = split_report(
+        groups, torch.ones_like(sparse), sparse, list(names), TOLERANCE,
+        num_constrained_groups=constrained, bootstrap_samples=bootstrap_samples,
+    )  # fmt: skip
+    return report, groups, sparse
+
+
+def test_an_interval_straddling_eps_is_inconclusive_by_an_independent_bootstrap():
+    report, groups, sparse = hand_built_split()
+    by_name = {g["name"]: g for g in report["groups"]}
+    assert {name: g["status"] for name, g in by_name.items()} == {
+        "clear": SATISFIED, "bad": VIOLATED, "under": INCONCLUSIVE, "over": INCONCLUSIVE,
+        "tiny": TOO_FEW, "new": UNCONSTRAINED,
+    }  # fmt: skip
+    # the point estimates alone would call "under" satisfied and "over" violated
+    assert by_name["under"]["excess_gap"] < TOLERANCE < by_name["over"]["excess_gap"]
+    assert TOLERANCE - 0.05 < by_name["under"]["excess_gap"] and by_name["over"]["excess_gap"] < TOLERANCE + 0.05
+    counts = (
+        "judged_groups",
+        "satisfied_groups",
+        "inconclusive_groups",
+        "violated_groups",
+        "groups_over_tolerance",
+    )
+    assert [report[k] for k in counts] == [4, 1, 2, 1, 2]
+    assert report["status_basis"] == "95% bootstrap interval" and not report["satisfied"]
+    # the rule, on intervals drawn row by row: each judged group's naive interval lies on the side of ε its
+    # status says, with a margin well beyond the two bootstraps' Monte Carlo error
+    naive = naive_bootstrap_intervals(groups, torch.ones_like(sparse), sparse, len(HAND_BUILT))
+    for g, name in enumerate(HAND_BUILT):
+        low, high = naive[g]
+        assert by_name[name]["excess_gap_ci"] == pytest.approx([low, high], abs=0.02), name
+        if by_name[name]["status"] == SATISFIED:
+            assert high < TOLERANCE - 0.05, name
+        elif by_name[name]["status"] == VIOLATED:
+            assert low > TOLERANCE + 0.05, name
+        elif by_name[name]["status"] == INCONCLUSIVE:
+            assert low < TOLERANCE - 0.05 and high > TOLERANCE + 0.05, name
+
+
+def test_gap_status_endpoints_equal_to_eps_and_the_point_estimate_without_an_interval():
+    assert gap_status(0.0, [-0.1, 0.1], 0.1) == SATISFIED  # ψ_g ≤ ε: an upper end at ε is within
+    assert gap_status(0.2, [0.1, 0.3], 0.1) == INCONCLUSIVE  # a lower end at ε is not above it
+    assert gap_status(0.1, [0.1, 0.1], 0.1) == SATISFIED
+    assert gap_status(0.2, [0.1000001, 0.3], 0.1) == VIOLATED
+    assert gap_status(0.05, [0.11, 0.2], 0.1) == VIOLATED  # the interval decides, not the point estimate
+    assert gap_status(0.1, None, 0.1) == SATISFIED and gap_status(0.1000001, None, 0.1) == VIOLATED
+    report, _, _ = hand_built_split(bootstrap_samples=0)  # no intervals (the evaluate metric, the logs)
+    status = {g["name"]: g["status"] for g in report["groups"]}
+    assert (status["under"], status["over"]) == (SATISFIED, VIOLATED)
+    assert report["status_basis"] == "point estimate" and report["inconclusive_groups"] == 0
+
+
+def test_verdict_markdown_terminal_and_card_count_inconclusive_groups_apart(tmp_path):
+    train, _, _ = hand_built_split()
+    report = build_report("ceag", TOLERANCE, 0.5, 0.5, {"train": train, "test": copy.deepcopy(train)})
+    counts = "1 satisfied, 2 inconclusive, 1 violated of 4 judged groups"
+    verdict = report["splits"]["train"]["verdict"]
+    assert verdict.startswith(f"train: {counts}: 1 group(s) lost more than ε = 0.1")
+    assert "95% bootstrap interval" in verdict and "1 group(s) have fewer than 20 samples" in verdict
+    table = report_markdown(report, "train")
+    assert re.search(r"^\| under \| 40 \| .* \| inconclusive \|$", table, flags=re.MULTILINE)
+    assert table.splitlines()[-1].endswith(f"| {counts} |")
+    terminal = format_report(report)
+    assert re.search(r"^  under +40 .* inconclusive$", terminal, flags=re.MULTILINE)
+    assert f"max <= eps: NO  {counts}" in terminal and verdict in terminal
+
+    # a violated training group blocks publishing; inconclusive ones alone do not, and the card names them
+    assert violation_warning(report).startswith("On its training data, 1 group(s) exceed the tolerance ε = 0.1")
+    names = ("clear", "under", "over", "tiny", "new")
+    unsure, _, _ = hand_built_split(names)
+    unsure_report = build_report("ceag", TOLERANCE, 0.5, 0.5, {"train": unsure})
+    assert unsure_report["splits"]["train"]["verdict"].startswith(
+        "train: 1 satisfied, 2 inconclusive, 0 violated of 3 judged groups: no group is shown to lose more than ε"
+    )
+    assert violation_warning(unsure_report) is None
+    card = build_model_card(unsure_report, model_name="m", repo_or_path="m", training={}).text
+    flat = " ".join(card.split())
+    assert "Warning" not in card
+    assert "- Inconclusive on train: under, over." in card
+    assert "**inconclusive** when it straddles ε. An inconclusive group is neither shown to be within ε" in flat
+    assert "1 satisfied, 2 inconclusive, 0 violated of 3 judged groups" in card
 
 
 def test_evaluate_metric_loads_offline_and_matches_the_report():
@@ -341,3 +471,23 @@ def test_plot_shows_groups_in_one_order_with_a_legend_and_axis_labels(trained, t
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert "satisfied" in labels or "violated" in labels
         assert any(label.startswith("ε = ") for label in labels)
+
+
+def test_plot_colours_inconclusive_groups_apart_in_the_legend(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from hf_ceag.audit.report import plot_excess_gaps
+
+    train, _, _ = hand_built_split()
+    report = build_report("ceag", TOLERANCE, 0.5, 0.5, {"train": train})
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    plot_excess_gaps(report, str(tmp_path / "plot.png"))
+    (ax,) = figures[0].axes
+    legend = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    for status in (SATISFIED, INCONCLUSIVE, VIOLATED):
+        assert legend[status].get_facecolor() == to_rgba(STATUS_COLORS[status]), status
+    assert len({STATUS_COLORS[s] for s in (SATISFIED, INCONCLUSIVE, VIOLATED)}) == 3
+    bars = {t.get_text(): bar for t, bar in zip(ax.get_xticklabels(), ax.patches)}
+    assert bars["under"].get_facecolor() == bars["over"].get_facecolor() == to_rgba(STATUS_COLORS[INCONCLUSIVE])

@@ -46,6 +46,15 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
                 assert key in data
             assert {"name", "n", "accuracy_dense", "accuracy_sparse", "excess_gap"} <= set(data["groups"][0])
     assert "Summary" in printed and "max <= eps" in printed
+    for name, report in reports.items():  # the summary counts each split's groups by status, as the report does
+        for split, data in report["splits"].items():
+            counted = data["satisfied_groups"] + data["inconclusive_groups"] + data["violated_groups"]
+            assert counted == data["judged_groups"] and data["status_basis"] == "95% bootstrap interval"
+            assert (
+                f"{split} {data['max_excess_gap']:+.4f} ({'within' if data['satisfied'] else 'OVER'}; "
+                f"{data['satisfied_groups']} satisfied, {data['inconclusive_groups']} inconclusive, "
+                f"{data['violated_groups']} violated of {data['judged_groups']})"
+            ) in printed, (name, split)
 
     # the card a person reads on the Hub, and an audit from the folders alone giving the same report
     card = (out / "ceag" / "README.md").read_text()

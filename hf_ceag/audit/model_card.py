@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .report import plot_excess_gaps, report_markdown
+from .report import INCONCLUSIVE, plot_excess_gaps, report_markdown
 
 TEMPLATE_NAME = "ceag_model_card.md"
 MAX_GROUP_RESULTS = 100  # per split in the YAML model-index; report.json has them all
@@ -196,14 +196,26 @@ def training_settings(args, schedule, group_columns: list[str]) -> dict[str, Any
 
 
 def violation_warning(report: dict[str, Any]) -> str | None:
-    """The warning text if the training constraints are violated, else None."""
+    """The warning text if a group is 'violated' on the training data (its whole ψ_g interval above ε), else
+    None. This gates `push_to_hub`: 'inconclusive' groups (interval straddling ε) do not block publishing; the
+    card names them under its verdict instead."""
     train = report["splits"].get("train")
-    if train is None or train["satisfied"]:
+    if train is None or not train["violated_groups"]:
         return None
+    basis = train.get("status_basis", "point estimate")
     return (
         f"On its training data, {train['violated_groups']} group(s) exceed the tolerance ε = {report['tolerance']:g} "
-        f"(max excess accuracy gap {train['max_excess_gap']:+.4f})."
+        f"by the {basis} of their excess accuracy gap (max excess accuracy gap {train['max_excess_gap']:+.4f})."
     )
+
+
+def inconclusive_groups(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Per split, the names of the groups whose ψ_g interval straddles ε (splits without any are left out)."""
+    named = {
+        split: [g["name"] for g in data["groups"] if g["status"] == INCONCLUSIVE]
+        for split, data in report["splits"].items()
+    }
+    return {split: names for split, names in named.items() if names}
 
 
 def build_model_card(
@@ -270,6 +282,8 @@ def build_model_card(
         sparsity_definition=report.get("sparsity_definition", "fraction of zero weights in the pruned layers"),
         target_sparsity=report["target_sparsity"],
         verdicts=[data.get("verdict", "") for data in report["splits"].values()],
+        inconclusive=inconclusive_groups(report),
+        status_basis=next(iter(report["splits"].values())).get("status_basis", "point estimate"),
         tables=tables,
         split_rows=report.get("split_rows", {}),
         layer_sparsity={layer_names.get(k, k): v for k, v in report.get("layer_sparsity", {}).items()},

@@ -1,8 +1,9 @@
 """Per-group report of what pruning cost, from one evaluation pass: `report.json`, a markdown table, a plot.
 
 For every group of a split: n, dense and sparse accuracy (95 % Wilson intervals), Δ_g, ψ_g (95 % bootstrap
-interval) and a status; for the split: overall accuracies, max ψ_g, the spread max ψ_g − min ψ_g, the
-number of violated groups and a plain verdict. Every figure comes from the per-sample correctness of the
+interval) and a status (`gap_status`: satisfied, inconclusive or violated, from that interval against ε);
+for the split: overall accuracies, max ψ_g, the spread max ψ_g − min ψ_g, the number of groups of each status
+and a plain verdict. Every figure comes from the per-sample correctness of the
 dense and the sparse model on the same rows, so the logs, the report and the model card read one
 computation.
 """
@@ -20,8 +21,11 @@ from ..constraints.gaps import excess_gaps
 REPORT_FILE = "report.json"
 PLOT_FILE = "excess_gaps.png"
 Z_95 = 1.959963984540054
+INTERVAL_LEVEL = 0.95  # of the ψ_g bootstrap interval that decides a group's status
 
-SATISFIED, VIOLATED, TOO_FEW, UNCONSTRAINED = "satisfied", "violated", "too few samples", "unconstrained"
+SATISFIED, INCONCLUSIVE, VIOLATED = "satisfied", "inconclusive", "violated"
+TOO_FEW, UNCONSTRAINED = "too few samples", "unconstrained"
+JUDGED = (SATISFIED, INCONCLUSIVE, VIOLATED)
 
 
 def wilson_interval(
@@ -85,6 +89,19 @@ def bootstrap_gap_intervals(
     return torch.quantile(psi, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0).T
 
 
+def gap_status(excess_gap: float, interval: list[float] | None, tolerance: float) -> str:
+    """Status of a judged group's ψ_g against ε, from its interval [lo, hi] when there is one.
+
+    The constraint is ψ_g ≤ ε, so an endpoint equal to ε lies within it: 'satisfied' when hi ≤ ε, 'violated'
+    when lo > ε, 'inconclusive' when lo ≤ ε < hi (the interval straddles ε). Without an interval (a report
+    made with `bootstrap_samples=0`), the point estimate decides: 'satisfied' when ψ_g ≤ ε, else 'violated'.
+    """
+    low, high = (excess_gap, excess_gap) if interval is None else interval
+    if high <= tolerance:
+        return SATISFIED
+    return VIOLATED if low > tolerance else INCONCLUSIVE
+
+
 def split_report(
     group_ids: torch.Tensor,
     dense_correct: torch.Tensor,
@@ -100,9 +117,13 @@ def split_report(
 
     ψ_g = (Acc_dense(g) − Acc_sparse(g)) − (Acc_dense − Acc_sparse), accuracies as fractions of the split's
     rows. Status per group: 'too few samples' below `min_samples` rows, 'unconstrained' for groups absent
-    from training (id >= `num_constrained_groups`), else 'satisfied' (ψ_g <= ε) or 'violated'. The summary
-    (max ψ_g, spread, violated count) covers the constrained groups with enough samples.
-    `bootstrap_samples=0` skips the ψ_g intervals (cheap, for logging).
+    from training (id >= `num_constrained_groups`), else judged by `gap_status` from the 95 % bootstrap
+    interval of ψ_g: 'satisfied', 'inconclusive' or 'violated'. The summary covers the judged groups (the
+    constrained ones with enough samples): max ψ_g, spread, the count of each status (`satisfied_groups`,
+    `inconclusive_groups`, `violated_groups` of `judged_groups`), `groups_over_tolerance` (point estimate
+    ψ_g > ε) and `satisfied` (max ψ_g ≤ ε on the point estimates: the method's own criterion).
+    `bootstrap_samples=0` skips the ψ_g intervals (cheap, for logging): the point estimates then decide the
+    statuses (`status_basis` says which).
     """
     num_groups = len(group_names)
     num_constrained = num_groups if num_constrained_groups is None else num_constrained_groups
@@ -118,18 +139,21 @@ def split_report(
     psi = excess_gaps(dense_group, sparse_group, dense_overall, sparse_overall)
     dense_ci, sparse_ci = wilson_interval(dense_hits, counts), wilson_interval(sparse_hits, counts)
     psi_ci = (
-        bootstrap_gap_intervals(group_ids, dense_correct, sparse_correct, num_groups, bootstrap_samples, seed)
+        bootstrap_gap_intervals(
+            group_ids, dense_correct, sparse_correct, num_groups, bootstrap_samples, seed, INTERVAL_LEVEL
+        )
         if bootstrap_samples
         else None
     )
     groups = []
     for g in torch.nonzero(counts > 0).flatten().tolist():
+        interval = None if psi_ci is None else [float(psi_ci[g, 0]), float(psi_ci[g, 1])]
         if int(counts[g]) < min_samples:
             status = TOO_FEW
         elif g >= num_constrained:
             status = UNCONSTRAINED
         else:
-            status = SATISFIED if float(psi[g]) <= tolerance else VIOLATED
+            status = gap_status(float(psi[g]), interval, tolerance)
         entry = {
             "name": group_names[g],
             "n": int(counts[g]),
@@ -142,10 +166,10 @@ def split_report(
             "constrained": g < num_constrained,
             "status": status,
         }
-        if psi_ci is not None:
-            entry["excess_gap_ci"] = [float(psi_ci[g, 0]), float(psi_ci[g, 1])]
+        if interval is not None:
+            entry["excess_gap_ci"] = interval
         groups.append(entry)
-    judged = [e["excess_gap"] for e in groups if e["status"] in (SATISFIED, VIOLATED)]
+    judged = [e["excess_gap"] for e in groups if e["status"] in JUDGED]
     max_gap = max(judged) if judged else float("nan")
     overall_dense_ci = wilson_interval(dense_correct.sum(), n_all)
     overall_sparse_ci = wilson_interval(sparse_correct.sum(), n_all)
@@ -157,7 +181,12 @@ def split_report(
         "accuracy_sparse_ci": [float(overall_sparse_ci[0]), float(overall_sparse_ci[1])],
         "max_excess_gap": max_gap,
         "excess_gap_spread": (max(judged) - min(judged)) if judged else float("nan"),
+        "judged_groups": len(judged),
+        "satisfied_groups": sum(e["status"] == SATISFIED for e in groups),
+        "inconclusive_groups": sum(e["status"] == INCONCLUSIVE for e in groups),
         "violated_groups": sum(e["status"] == VIOLATED for e in groups),
+        "groups_over_tolerance": sum(gap > tolerance for gap in judged),
+        "status_basis": "point estimate" if psi_ci is None else f"{INTERVAL_LEVEL:.0%} bootstrap interval",
         # FairGRAPE's disparity metric: population std of the per-group accuracy change (all groups present)
         "accuracy_change_std": float(torch.tensor([e["accuracy_change"] for e in groups]).std(unbiased=False)),
         "too_few_samples_groups": sum(e["status"] == TOO_FEW for e in groups),
@@ -217,22 +246,36 @@ def method_name(args) -> str:
     return "ceag"
 
 
+def status_counts(data: dict[str, Any]) -> str:
+    """The judged groups of a split counted by status: "2 satisfied, 1 inconclusive, 0 violated of 3 groups"."""
+    return (
+        f"{data['satisfied_groups']} satisfied, {data['inconclusive_groups']} inconclusive, "
+        f"{data['violated_groups']} violated of {data['judged_groups']} judged groups"
+    )
+
+
 def verdict(split: str, data: dict[str, Any], tolerance: float) -> str:
-    """One plain sentence on whether every group of a split is within ε."""
-    judged = sum(g["status"] in (SATISFIED, VIOLATED) for g in data["groups"])
+    """One plain sentence on a split: its groups counted by status, and what that says about ε."""
     held_out = "" if split == "train" else " (held-out data: a check of generalisation, not a guarantee)"
     few = data["too_few_samples_groups"]
     few_text = f"; {few} group(s) have fewer than {data['min_samples']} samples to tell" if few else ""
-    if judged == 0:
+    if data["judged_groups"] == 0:
         return f"{split}: no group has enough samples to judge{held_out}."
-    if data["violated_groups"] == 0:
-        return (
-            f"{split}: every one of the {judged} judged groups lost at most ε = {tolerance:g} more accuracy than "
-            f"the model overall (max excess gap {data['max_excess_gap']:+.4f}){few_text}{held_out}."
+    basis = data["status_basis"]
+    if data["violated_groups"]:
+        reading = (
+            f"{data['violated_groups']} group(s) lost more than ε = {tolerance:g} beyond the model's overall loss"
         )
+    elif data["inconclusive_groups"]:
+        reading = (
+            f"no group is shown to lose more than ε = {tolerance:g} beyond the model's overall loss, but for "
+            f"{data['inconclusive_groups']} group(s) the interval straddles ε: the data cannot tell"
+        )
+    else:
+        reading = f"every judged group lost at most ε = {tolerance:g} more accuracy than the model overall"
     return (
-        f"{split}: {data['violated_groups']} of {judged} judged groups lost more than ε = {tolerance:g} beyond the "
-        f"model's overall loss (max excess gap {data['max_excess_gap']:+.4f}){few_text}{held_out}."
+        f"{split}: {status_counts(data)}: {reading} (status by the {basis} of ψ_g; max excess gap "
+        f"{data['max_excess_gap']:+.4f}){few_text}{held_out}."
     )
 
 
@@ -289,12 +332,18 @@ def report_markdown(report: dict[str, Any], split: str) -> str:
         f"| **all** | {data['n']} | {data['accuracy_dense']:.3f}{_interval(data['accuracy_dense_ci'])} | "
         f"{data['accuracy_sparse']:.3f}{_interval(data['accuracy_sparse_ci'])} | "
         f"{data['accuracy_dense'] - data['accuracy_sparse']:+.3f} | max {data['max_excess_gap']:+.3f}, "
-        f"spread {data['excess_gap_spread']:.3f} | {data['violated_groups']} violated |"
+        f"spread {data['excess_gap_spread']:.3f} | {status_counts(data)} |"
     )
     return "\n".join(rows)
 
 
-STATUS_COLORS = {SATISFIED: "tab:blue", VIOLATED: "tab:red", TOO_FEW: "tab:gray", UNCONSTRAINED: "tab:olive"}
+STATUS_COLORS = {
+    SATISFIED: "tab:blue",
+    INCONCLUSIVE: "tab:orange",
+    VIOLATED: "tab:red",
+    TOO_FEW: "tab:gray",
+    UNCONSTRAINED: "tab:olive",
+}
 
 
 def plot_excess_gaps(report: dict[str, Any], path: str) -> str:
@@ -353,13 +402,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"[{split}] n={data['n']}  accuracy dense={data['accuracy_dense']:.4f} "
             f"sparse={data['accuracy_sparse']:.4f}  max excess gap={data['max_excess_gap']:+.4f}  "
-            f"max <= eps: {'yes' if data['satisfied'] else 'NO'}"
+            f"max <= eps: {'yes' if data['satisfied'] else 'NO'}  {status_counts(data)}"
         )
-        lines.append(f"  {'group':<20} {'n':>6} {'dense':>7} {'sparse':>7} {'excess_gap':>11}  status")
+        lines.append(
+            f"  {'group':<20} {'n':>6} {'dense':>7} {'sparse':>7} {'excess_gap':>11} {'interval':>17}  status"
+        )
         for g in data["groups"]:
+            ci = g.get("excess_gap_ci")
+            interval = "" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
             lines.append(
                 f"  {g['name'][:20]:<20} {g['n']:>6} {g['accuracy_dense']:>7.4f} {g['accuracy_sparse']:>7.4f} "
-                f"{g['excess_gap']:>+11.4f}  {g['status']}"
+                f"{g['excess_gap']:>+11.4f} {interval:>17}  {g['status']}"
             )
         lines.append(f"  {data['verdict']}" if "verdict" in data else "")
     return "\n".join(line for line in lines if line)
