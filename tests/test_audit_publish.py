@@ -185,16 +185,19 @@ def test_verdict_markdown_terminal_and_card_count_inconclusive_groups_apart(tmp_
     assert re.search(r"^  under +40 .* inconclusive$", terminal, flags=re.MULTILINE)
     assert f"max <= eps: NO  {counts}" in terminal and verdict in terminal
 
-    # a violated training group blocks publishing; inconclusive ones alone do not, and the card names them
-    assert violation_warning(report).startswith("On its training data, 1 group(s) exceed the tolerance ε = 0.1")
-    names = ("clear", "under", "over", "tiny", "new")
-    unsure, _, _ = hand_built_split(names)
+    # publishing is gated as strictly as the point estimates say: a violated group, or an inconclusive one whose
+    # point ψ_g is over ε, blocks it ("bad" and "over"); inconclusive ones within ε do not, and the card names them
+    assert violation_warning(report).startswith("On its training data, 2 group(s) exceed the tolerance ε = 0.1")
+    unsure, _, _ = hand_built_split(("clear", "under", "over", "tiny", "new"))
     unsure_report = build_report("ceag", TOLERANCE, 0.5, 0.5, {"train": unsure})
     assert unsure_report["splits"]["train"]["verdict"].startswith(
         "train: 1 satisfied, 2 inconclusive, 0 violated of 3 judged groups: no group is shown to lose more than ε"
     )
-    assert violation_warning(unsure_report) is None
-    card = build_model_card(unsure_report, model_name="m", repo_or_path="m", training={}).text
+    assert violation_warning(unsure_report) is not None  # "over": inconclusive, but its point ψ_g is over ε
+    within = copy.deepcopy(unsure_report)  # the same groups, none over ε by its point estimate
+    within["splits"]["train"].update(groups_over_tolerance=0, violated_groups=0)
+    assert violation_warning(within) is None
+    card = build_model_card(within, model_name="m", repo_or_path="m", training={}).text
     flat = " ".join(card.split())
     assert "Warning" not in card
     assert "- Inconclusive on train: under, over." in card
@@ -299,7 +302,9 @@ def test_push_to_hub_gate_and_no_token_in_files(trained):
     api.create_repo.return_value = mock.MagicMock(repo_id="me/sparse")
     api.upload_folder.side_effect = snapshot
     violated = json.loads(json.dumps(trained.group_report()))
-    violated["splits"]["train"].update(satisfied=False, violated_groups=2, max_excess_gap=0.25)
+    violated["splits"]["train"].update(
+        satisfied=False, violated_groups=2, groups_over_tolerance=2, max_excess_gap=0.25
+    )
     trained.report = violated
     with mock.patch("transformers.trainer.hf_api", return_value=api):
         with pytest.raises(
