@@ -10,6 +10,8 @@ from transformers import TrainingArguments
 MITIGATIONS = ("none", "ceag", "equalized_loss")
 PRUNING_METHODS = ("magnitude", "fairgrape")
 PRUNING_SCOPES = ("layerwise", "global")
+DUAL_OPTIMIZERS = ("sgd", "nupi")
+NUPI_DEFAULTS = {"nupi_kp": 1.0, "nupi_ki": 1.0, "nupi_ema_nu": 0.0}
 
 
 @dataclass
@@ -43,7 +45,43 @@ class CEAGConfig(TrainingArguments):
     dual_lr: float = field(
         default=1e-2,
         metadata={
-            "help": "Learning rate of the Lagrange multipliers (plain projected SGD ascent). Keep it small."
+            "help": "Learning rate of the Lagrange multipliers (projected ascent with dual_optimizer). Keep it "
+            "small."
+        },
+    )
+    dual_optimizer: Literal["sgd", "nupi"] = field(
+        default="sgd",
+        metadata={
+            "help": "How the multipliers follow the estimated violations, both as projected ascent at dual_lr: "
+            "'sgd' is plain gradient ascent, as in the paper; 'nupi' is Cooper's nuPI, a PI controller on the "
+            "violations (Sohrabi et al., ICML 2024) that damps the oscillations of plain ascent and so makes "
+            "training less sensitive to dual_lr. Its gains are nupi_kp, nupi_ki and nupi_ema_nu.",
+            "choices": list(DUAL_OPTIMIZERS),
+        },
+    )
+    nupi_kp: float = field(
+        default=NUPI_DEFAULTS["nupi_kp"],
+        metadata={
+            "help": "nuPI proportional gain kappa_p (dual_optimizer='nupi'), >= 0: each step adds "
+            "dual_lr * kappa_p * (change of the smoothed violation). 0 gives plain SGD (with nupi_ki=1). Default 1: "
+            "with nupi_ki=1 and nupi_ema_nu=0 it is the optimistic gradient method (Popov 1980), the simplest "
+            "PI controller Sohrabi et al. (ICML 2024) analyse, which tune kappa_p per task; issue 13's benchmark "
+            "measures it here."
+        },
+    )
+    nupi_ki: float = field(
+        default=NUPI_DEFAULTS["nupi_ki"],
+        metadata={
+            "help": "nuPI integral gain kappa_i (dual_optimizer='nupi'), >= 0: each step adds dual_lr * kappa_i * "
+            "violation. Default 1, so that nupi_kp=0 is exactly plain SGD at dual_lr."
+        },
+    )
+    nupi_ema_nu: float = field(
+        default=NUPI_DEFAULTS["nupi_ema_nu"],
+        metadata={
+            "help": "nuPI smoothing nu in [0, 1) (dual_optimizer='nupi'): the proportional term follows an "
+            "exponential moving average of the violations, xi_t = nu xi_(t-1) + (1 - nu) e_t. Default 0: no "
+            "smoothing (the replay buffers already average each group's estimate)."
         },
     )
     surrogate_overall_gradient: bool = field(
@@ -155,6 +193,7 @@ class CEAGConfig(TrainingArguments):
             )
         if self.dual_lr <= 0:
             raise ValueError(f"dual_lr={self.dual_lr} must be > 0, e.g. 1e-2 (keep it small for stability).")
+        self._validate_dual_optimizer()
         if self.buffer_size < 0:
             raise ValueError(f"buffer_size={self.buffer_size} must be >= 0 (0 = mini-batch estimates), e.g. 40.")
         if not 0.0 <= self.constraint_split < 1.0:
@@ -202,6 +241,36 @@ class CEAGConfig(TrainingArguments):
         if not self.group_columns or any(not isinstance(c, str) or not c for c in self.group_columns):
             raise ValueError(
                 f"group_columns={self.group_columns!r}: give one or more column names, e.g. ['group']."
+            )
+
+    def _validate_dual_optimizer(self) -> None:
+        if self.dual_optimizer not in DUAL_OPTIMIZERS:
+            raise ValueError(
+                f"dual_optimizer={self.dual_optimizer!r} is not one of {list(DUAL_OPTIMIZERS)}: use 'sgd' (plain "
+                "ascent, the paper's) or 'nupi' (Cooper's nuPI controller)."
+            )
+        for name in ("nupi_kp", "nupi_ki"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is negative: the nuPI gains must be >= 0, e.g. nupi_kp=1.0, "
+                    "nupi_ki=1.0."
+                )
+        if self.nupi_kp == 0 and self.nupi_ki == 0:
+            raise ValueError(
+                "nupi_kp=0 and nupi_ki=0: the multipliers would never move. Give nupi_ki > 0 (1.0 with nupi_kp=0 "
+                "is plain SGD)."
+            )
+        if not 0.0 <= self.nupi_ema_nu < 1.0:
+            raise ValueError(
+                f"nupi_ema_nu={self.nupi_ema_nu} is outside [0, 1): give the EMA coefficient of the violations, "
+                "e.g. 0.0 (no smoothing)."
+            )
+        changed = [name for name, default in NUPI_DEFAULTS.items() if getattr(self, name) != default]
+        if self.dual_optimizer != "nupi" and changed:
+            raise ValueError(
+                f"{', '.join(f'{n}={getattr(self, n)}' for n in changed)} set with dual_optimizer="
+                f"{self.dual_optimizer!r}, where the nuPI gains do nothing: add dual_optimizer='nupi' "
+                "(--dual_optimizer nupi), or drop them."
             )
 
     @property

@@ -18,6 +18,11 @@ from hf_ceag import GROUP_ID_COLUMN, CEAGConfig, GroupIndex
         ("pruning_scope", "blockwise", "pruning_scope='blockwise'"),
         ("pruning_frequency", 0, "pruning_frequency=0"),
         ("group_columns", [], "group_columns"),
+        ("dual_optimizer", "adam", "dual_optimizer='adam' is not one of"),
+        ("nupi_kp", -1.0, "nupi_kp=-1.0 is negative"),
+        ("nupi_ki", -0.5, "nupi_ki=-0.5 is negative"),
+        ("nupi_ema_nu", 1.0, "nupi_ema_nu=1.0 is outside"),
+        ("nupi_kp", 2.0, "nupi_kp=2.0 set with dual_optimizer='sgd'.*add dual_optimizer='nupi'"),
     ],
 )
 def test_config_rejects_bad_values_with_field_and_fix(tmp_path, field, value, message):
@@ -32,6 +37,19 @@ def test_config_defaults_follow_the_paper(tmp_path):
         config.pruning_scope == "layerwise" and config.keep_first_last_dense and not config.mitigate_during_pruning
     )
     assert config.resolved_pruning_end_epoch == 5.0
+
+
+def test_dual_optimizer_flags_reach_the_config_and_sgd_stays_the_default(tmp_path):
+    from transformers import HfArgumentParser
+
+    common = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    (config,) = HfArgumentParser(CEAGConfig).parse_args_into_dataclasses(args=common)
+    assert config.dual_optimizer == "sgd"
+    args = [*common, "--dual_optimizer", "nupi", "--nupi_kp", "4", "--nupi_ema_nu", "0.5"]
+    (config,) = HfArgumentParser(CEAGConfig).parse_args_into_dataclasses(args=args)
+    assert (config.dual_optimizer, config.nupi_kp, config.nupi_ki, config.nupi_ema_nu) == ("nupi", 4.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="nupi_kp=0 and nupi_ki=0"):
+        CEAGConfig(output_dir=str(tmp_path), report_to="none", dual_optimizer="nupi", nupi_kp=0.0, nupi_ki=0.0)
 
 
 def frame():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_ceag import DenseReference, EqualizedLossProblem, ExcessAccuracyGapProblem
+from hf_ceag.constraints.step import ConstrainedStep, build_dual_optimizer
 
 
 def reference(num_groups=3):
@@ -102,3 +103,66 @@ def test_bad_arguments():
         ExcessAccuracyGapProblem(reference(), buffer_size=4, tolerance=-0.1)
     with pytest.raises(ValueError, match="buffer_size"):
         ExcessAccuracyGapProblem(reference(), buffer_size=-1, tolerance=0.1)
+
+
+def nupi_run(dual_optimizer, steps=8, **gains):
+    """`ConstrainedStep` fed a fixed sequence of batches (group 2 only from step 3 on, group 1 mostly right so
+    its λ hits the projection), with what each dual step saw: the violations e_t and which groups were ready."""
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
+    step = ConstrainedStep(problem, build_dual_optimizer(dual_optimizer, problem.dual_parameters(), 0.5, **gains))
+    generator = torch.Generator().manual_seed(0)
+    seen, multipliers = [], []
+    for t in range(steps):
+        ids = torch.tensor([0, 0, 1, 1, 2] if t >= 3 else [0, 0, 1, 1])
+        right = torch.tensor([0.3, 0.3, 0.9, 0.9, 0.5])[: len(ids)]
+        correct = (torch.rand(len(ids), generator=generator) < right).float()
+        losses = torch.rand(len(ids), generator=generator, requires_grad=True)
+        counts = torch.bincount(ids, minlength=3)
+        step.loss(losses, correct, ids, counts, 1, active=True, update_duals=True, gather=lambda *b: b)
+        # the estimates the step observed and stepped on are still there
+        seen.append((torch.where(problem.ready, problem.strict_violations(), 0.0), problem.ready.clone()))
+        multipliers.append(problem.multipliers_tensor())
+    return seen, multipliers, step
+
+
+@pytest.mark.parametrize("ema_nu", [0.0, 0.3])
+def test_nupi_dual_steps_match_a_pi_controller_written_from_the_paper(ema_nu):
+    """Sohrabi et al. (ICML 2024), nuPI with ξ_(−1) = 0, per group from the step it is ready, by hand:
+    ξ_t = ν ξ_(t−1) + (1 − ν) e_t;  λ_(t+1) = max(0, λ_t + η (κ_i e_t + κ_p (ξ_t − ξ_(t−1))))."""
+    lr, kp, ki = 0.5, 3.0, 0.7
+    seen, multipliers, step = nupi_run("nupi", kp=kp, ki=ki, ema_nu=ema_nu)
+    lam, xi = [0.0] * 3, [0.0] * 3
+    for (violations, ready), actual in zip(seen, multipliers):
+        for g in range(3):
+            if not ready[g]:
+                continue
+            e = float(violations[g])
+            xi_new = ema_nu * xi[g] + (1 - ema_nu) * e
+            lam[g] = max(0.0, lam[g] + lr * (ki * e + kp * (xi_new - xi[g])))
+            xi[g] = xi_new
+        torch.testing.assert_close(actual, torch.tensor(lam), rtol=1e-5, atol=1e-6)
+    assert seen[3][1].tolist() == [True, True, False] and all(seen[-1][1])  # group 2 joins late
+    assert min(float(v.min()) for v, _ in seen) < 0 < max(float(v.max()) for v, _ in seen)
+    assert any(m[1] == 0 for m in multipliers[2:]) and multipliers[-1][0] > 0  # projected, and risen
+    torch.testing.assert_close(step.dual_optimizer.state[step.problem.multiplier.weight]["xi"], torch.tensor(xi))
+
+
+def test_nupi_without_proportional_gain_is_plain_sgd_bit_for_bit():
+    _, sgd, _ = nupi_run("sgd")
+    _, nupi, _ = nupi_run("nupi", kp=0.0, ki=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(sgd, nupi))
+    assert sgd[-1].sum() > 0
+
+
+def test_undo_of_a_skipped_step_restores_multipliers_and_nupi_state():
+    _, _, step = nupi_run("nupi", steps=5, kp=2.0)
+    problem, optimizer = step.problem, step.dual_optimizer
+    xi = optimizer.state[problem.multiplier.weight]["xi"]
+    before = problem.multipliers_tensor(), xi.clone(), problem.dual_step_count.clone()
+    ids, losses = torch.tensor([0, 1, 2]), torch.rand(3, requires_grad=True)
+    correct = torch.tensor([0.0, 1.0, 1.0])  # all estimates move, not by one common shift (ψ would not)
+    step.loss(losses, correct, ids, torch.ones(3), 1, active=True, update_duals=True, gather=lambda *b: b)
+    assert not torch.equal(xi, before[1]) and not torch.equal(problem.multipliers_tensor(), before[0])
+    step.undo_if_skipped(True)
+    assert torch.equal(problem.multipliers_tensor(), before[0]) and torch.equal(xi, before[1])
+    assert problem.dual_step_count == before[2]

@@ -6,6 +6,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_ceag import CEAGTrainer
+from hf_ceag.constraints.step import dual_state_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,12 +29,14 @@ class SyncDebugDuringSteps(TrainerCallback):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss"])
+@pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss", "ceag+nupi"])
 def test_training_steps_never_synchronise_with_the_host(tiny_model, digits, make_config, mitigation):
     watcher = SyncDebugDuringSteps()
+    mitigation, _, dual = mitigation.partition("+")
+    nupi = {"dual_optimizer": "nupi", "nupi_kp": 2.0} if dual else {}
     config = make_config(
         mitigation=mitigation, max_steps=24, logging_steps=6, pruning_end_epoch=0.0, pruning_start_epoch=0.0,
-        dual_lr=0.5, tolerance=0.0,
+        dual_lr=0.5, tolerance=0.0, **nupi,
     )  # fmt: skip
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], callbacks=[watcher])
     try:
@@ -61,7 +64,11 @@ class SkipOneStep(TrainerCallback):
             scale = self.trainer.accelerator.scaler._scale
             self.scale = scale.item()
             scale.fill_(2.0**60)
-            self.before = (self.trainer.problem.multipliers_tensor(), self.trainer.problem.dual_steps)
+            self.before = self.snapshot()
+
+    def snapshot(self):
+        optimizer_state = [t.clone() for t in dual_state_tensors(self.trainer.dual_optimizer)]
+        return self.trainer.problem.multipliers_tensor(), self.trainer.problem.dual_steps, optimizer_state
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.accelerator.optimizer_step_was_skipped:
@@ -69,13 +76,14 @@ class SkipOneStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step + 1:
-            self.after = (self.trainer.problem.multipliers_tensor(), self.trainer.problem.dual_steps)
+            self.after = self.snapshot()
             self.trainer.accelerator.scaler._scale.fill_(self.scale)
 
 
-def test_fp16_step_skipped_by_the_loss_scaler_undoes_its_dual_step(tiny_model, digits, make_config):
+@pytest.mark.parametrize("dual", [{}, {"dual_optimizer": "nupi", "nupi_kp": 2.0}], ids=["sgd", "nupi"])
+def test_fp16_step_skipped_by_the_loss_scaler_undoes_its_dual_step(tiny_model, digits, make_config, dual):
     config = make_config(
-        mitigation="ceag", fp16=True, max_steps=12, pruning_end_epoch=0.0, dual_lr=0.5, tolerance=0.0
+        mitigation="ceag", fp16=True, max_steps=12, pruning_end_epoch=0.0, dual_lr=0.5, tolerance=0.0, **dual
     )
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     watcher = SkipOneStep(trainer, step=6)
@@ -84,5 +92,7 @@ def test_fp16_step_skipped_by_the_loss_scaler_undoes_its_dual_step(tiny_model, d
     assert 6 in watcher.skipped_steps, watcher.skipped_steps
     assert torch.equal(watcher.before[0], watcher.after[0])  # the skipped step's dual update was undone ...
     assert watcher.before[1] == watcher.after[1]  # ... and not counted
+    assert all(torch.equal(a, b) for a, b in zip(watcher.before[2], watcher.after[2]))  # nuPI's ξ too
+    assert len(watcher.before[2]) == (1 if dual else 0)
     assert trainer.problem.multipliers_tensor().sum() > 0  # the other steps did move λ
     print(f"skipped steps {watcher.skipped_steps}, dual steps {trainer.problem.dual_steps}")

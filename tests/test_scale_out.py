@@ -31,12 +31,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_ceag import CEAGTrainer
-from hf_ceag.constraints.step import ConstrainedStep
+from hf_ceag.constraints.step import ConstrainedStep, dual_state_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-import distributed_worker  # noqa: E402
-
+import distributed_worker
 
 PROCESSES_ON_CPU = torch.cuda.device_count() < 2
 
@@ -152,7 +151,9 @@ def test_one_dual_step_per_optimizer_step_and_none_when_the_step_is_skipped(
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     calls = []
     original = ConstrainedStep._dual_step
-    monkeypatch.setattr(ConstrainedStep, "_dual_step", lambda self, state: (calls.append(1), original(self, state)))
+    monkeypatch.setattr(
+        ConstrainedStep, "_dual_step", lambda self, state: (calls.append(1), original(self, state))
+    )
     trainer.train()
     constrained_steps = config.max_steps - trainer.schedule.end
     assert len(calls) == constrained_steps > 0
@@ -169,6 +170,48 @@ def test_one_dual_step_per_optimizer_step_and_none_when_the_step_is_skipped(
     assert skipped.problem.multipliers_tensor().abs().sum() == 0
 
 
+class SkipEveryOther(TrainerCallback):
+    """An fp16 loss scaler that skips every other optimizer step; checks at each step end that a skipped step
+    left λ and the dual optimizer's state as they were before it, and counts the steps that moved them."""
+
+    def __init__(self, trainer):
+        self.trainer, self.skipped, self.before, self.moved, self.undone = trainer, False, None, 0, 0
+
+    def snapshot(self):
+        step = self.trainer.constrained_step
+        return [step.problem.multipliers_tensor()] + [t.clone() for t in dual_state_tensors(step.dual_optimizer)]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.skipped = state.global_step % 2 == 1
+        self.before = self.snapshot() if self.trainer.constrained_step is not None else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self.snapshot()
+        same = all(torch.equal(a, b) for a, b in zip(self.before, now))
+        if self.skipped:
+            assert same, state.global_step
+            self.undone += 1
+        else:
+            self.moved += not same
+
+
+def test_a_skipped_step_leaves_the_multipliers_and_nupi_state_as_before(
+    tiny_model, digits, make_config, monkeypatch
+):
+    config = make_config(
+        mitigation="ceag", dual_lr=0.5, tolerance=0.0, pruning_end_epoch=0.0, dual_optimizer="nupi", nupi_kp=2.0
+    )
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    skips = SkipEveryOther(trainer)
+    trainer.add_callback(skips)
+    monkeypatch.setattr(
+        type(trainer.accelerator), "optimizer_step_was_skipped", property(lambda self: skips.skipped)
+    )
+    trainer.train()
+    assert skips.undone == config.max_steps // 2 and skips.moved >= 3
+    assert dual_state_tensors(trainer.dual_optimizer)[0].abs().sum() > 0
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -178,11 +221,20 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def dual_state(trainer):
+    optimizer = trainer.dual_optimizer
+    return [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("dual", [{}, {"dual_optimizer": "nupi", "nupi_kp": 2.0}], ids=["sgd", "nupi"])
 def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_state(
-    tmp_path, tiny_model, digits, make_config
+    tmp_path, tiny_model, digits, make_config, dual
 ):
     dense = copy.deepcopy(tiny_model)
-    common = dict(mitigation="ceag", dual_lr=0.5, tolerance=0.0, max_steps=16, pruning_end_epoch=0.2, use_cpu=True)
+    common = {
+        "mitigation": "ceag", "dual_lr": 0.5, "tolerance": 0.0, "max_steps": 16, "pruning_end_epoch": 0.2,
+        "use_cpu": True, **dual,
+    }  # fmt: skip
     straight = CEAGTrainer(copy.deepcopy(dense), make_config(**common), train_dataset=digits["train"])
     straight.train()
 
@@ -209,6 +261,19 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
         assert torch.equal(mask, resumed.pruner.masks[name]), name
     assert torch.equal(straight.problem.multipliers_tensor(), resumed.problem.multipliers_tensor())
     assert torch.equal(straight.problem.buffer.values, resumed.problem.buffer.values)
+    straight_state, resumed_state = dual_state(straight), dual_state(resumed)
+    assert [sorted(a) for a in straight_state] == [sorted(b) for b in resumed_state]
+    for a, b in zip(straight_state, resumed_state):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    if dual:
+        assert straight_state[0]["xi"].abs().sum() > 0
+        assert "dual_optimizer.state.0.xi" in load_file(os.path.join(checkpoint, "ceag_state.safetensors"))
+        sgd = {k: v for k, v in common.items() if not k.startswith(("dual_optimizer", "nupi"))}
+        other = CEAGTrainer(
+            copy.deepcopy(dense), make_config(output_dir=folder, **sgd), train_dataset=digits["train"]
+        )
+        with pytest.raises(ValueError, match="dual_optimizer='nupi'; this run has dual_optimizer='sgd'"):
+            other.train(resume_from_checkpoint=checkpoint)
 
     refused = CEAGTrainer(
         copy.deepcopy(dense), make_config(output_dir=folder, **common), train_dataset=digits["train"]

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import datasets
 import pytest
@@ -89,7 +90,9 @@ zeros = {{n: int((p == 0).sum()) for n, p in model.named_parameters()}}
 assert zeros == json.load(open({str(tmp_path / "zeros.json")!r})), "zero pattern differs"
 print("OK", sum(zeros.values()))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("OK") and int(result.stdout.split()[1]) > 0
 
@@ -115,7 +118,9 @@ def test_dataloader_drop_last_still_scores_every_row(tiny_model, digits, make_co
     evaluation count every row (the Trainer's eval loader would drop the last partial batch too)."""
     train, test = digits["train"], digits["test"]
     assert len(train) % 32 and len(test) % 256  # both splits end in a partial batch
-    config = make_config(max_steps=4, pruning_end_epoch=0.0, mitigate_during_pruning=True, dataloader_drop_last=True)
+    config = make_config(
+        max_steps=4, pruning_end_epoch=0.0, mitigate_during_pruning=True, dataloader_drop_last=True
+    )
     trainer = CEAGTrainer(tiny_model, config, train_dataset=train, eval_dataset=test)
     trainer.train()
     assert trainer.dense_correct["train"].numel() == len(train)
@@ -253,13 +258,13 @@ class NoHostReads(TorchFunctionMode):
     `float`, `nonzero`), on boolean-mask indexing (a data-dependent shape) and on `t[i] = <Python number>`
     (a host-to-device copy): on a GPU each is a sync (`tests/test_cuda.py` checks the real thing there)."""
 
-    READS = {
+    READS: ClassVar = {
         torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
         torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
     }  # fmt: skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
+        if func in self.READS and not self.reads_a_nupi_gain(args):
             raise AssertionError(f"{func.__name__} read a tensor back to the host inside a training step")
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
             keys = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -268,6 +273,16 @@ class NoHostReads(TorchFunctionMode):
             if func is torch.Tensor.__setitem__ and isinstance(args[2], (bool, int, float)):
                 raise AssertionError("a Python number written into a tensor (a host-to-device copy on a GPU)")
         return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def reads_a_nupi_gain(args) -> bool:
+        # Cooper's nuPI step branches on its gains (`if Ki.ne(0).any():`): host tensors on every device (the
+        # test checks they stay on the CPU), so no sync on a GPU; `tests/test_cuda.py` checks the real thing.
+        caller = sys._getframe(2)
+        host_scalar = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" and args[0].dim() == 0
+        return host_scalar and caller.f_code.co_filename.endswith(
+            os.path.join("cooper", "optim", "torch_optimizers", "nupi_optimizer.py")
+        )
 
 
 class NoHostReadsDuringSteps(TrainerCallback):
@@ -292,14 +307,17 @@ class NoHostReadsDuringSteps(TrainerCallback):
             self.mode = None
 
 
-@pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss"])
+@pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss", "ceag+nupi"])
 def test_training_steps_read_nothing_back_from_the_device(tiny_model, digits, make_config, mitigation):
     """What `tests/test_cuda.py` checks with `torch.cuda.set_sync_debug_mode("error")`, checked on any machine
     at the Python level: the constrained step, the dual step, the masks and the metrics stay on the device."""
     watcher = NoHostReadsDuringSteps()
+    mitigation, _, dual = mitigation.partition("+")
+    nupi = {"dual_optimizer": "nupi", "nupi_kp": 2.0} if dual else {}
     config = make_config(
-        mitigation=mitigation, max_steps=10, logging_steps=3, pruning_end_epoch=0.0, dual_lr=0.5, tolerance=0.0
-    )
+        mitigation=mitigation, max_steps=10, logging_steps=3, pruning_end_epoch=0.0, dual_lr=0.5, tolerance=0.0,
+        **nupi,
+    )  # fmt: skip
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], callbacks=[watcher])
     try:
         trainer.train()
@@ -308,3 +326,6 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_model, digits, ma
     assert watcher.checked == 10 - 3
     if mitigation != "none":
         assert trainer.problem.dual_steps > 0 and trainer.problem.multipliers_tensor().abs().sum() > 0
+    if dual:
+        (group,) = trainer.dual_optimizer.param_groups
+        assert group["Kp"].device.type == group["Ki"].device.type == "cpu"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,10 +20,12 @@ from ..data.groups import GroupIndex
 from ..pruning.magnitude import MagnitudePruner
 from .problems import GroupConstrainedProblem
 from .reference import DenseReference
+from .step import dual_optimizer_name
 
 STATE_TENSORS = "ceag_state.safetensors"
 STATE_JSON = "ceag_state.json"
 FORMAT_VERSION = 1
+DUAL_STATE_PREFIX = "dual_optimizer.state."
 
 
 @dataclass
@@ -63,10 +66,11 @@ class ConstrainedState:
             tensors.update({f"buffer.{k}": v for k, v in problem.buffer.state_dict().items()})
         tensors.update({f"mask.{name}": m.to(torch.uint8) for name, m in pruner.state_dict().items()})
         tensors.update({f"dense_correct.{split}": c.to(torch.uint8) for split, c in dense_correct.items()})
+        dual = None
+        if dual_optimizer is not None:
+            dual, dual_tensors = _split_dual_state(dual_optimizer)
+            tensors.update(dual_tensors)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        dual = dual_optimizer.state_dict() if dual_optimizer is not None else None
-        if dual is not None and dual["state"]:
-            raise ValueError("ConstrainedState: only a stateless dual optimizer (plain SGD) can be saved.")
         return cls(reference, group_index, mitigation, buffer_size, tensors, dual, estimate_reference)
 
     def save(self, directory: str) -> None:
@@ -136,7 +140,15 @@ class ConstrainedState:
         dual_optimizer: torch.optim.Optimizer | None,
         pruner: MagnitudePruner,
     ) -> None:
-        """Load multipliers, estimates, buffers, dual optimizer and masks into the trainer's objects."""
+        """Load multipliers, estimates, buffers, dual optimizer and masks into the trainer's objects; refuse a
+        dual optimizer other than the checkpoint's."""
+        if dual_optimizer is not None and self.dual_optimizer is not None:
+            saved, live = self.dual_optimizer.get("name", "sgd"), dual_optimizer_name(dual_optimizer)
+            if saved != live:
+                raise ValueError(
+                    f"Checkpoint was written with dual_optimizer={saved!r}; this run has dual_optimizer={live!r}. "
+                    f"Resume with --dual_optimizer {saved}, or start a new run without resume_from_checkpoint."
+                )
         t = self.tensors
         device = problem.multiplier.weight.device
         with torch.no_grad():
@@ -150,5 +162,44 @@ class ConstrainedState:
         if problem.buffer is not None:
             problem.buffer.load_state_dict({k: t[f"buffer.{k}"] for k in ("values", "position", "count")})
         if dual_optimizer is not None and self.dual_optimizer is not None:
-            dual_optimizer.load_state_dict(self.dual_optimizer)
+            self._restore_dual_optimizer(dual_optimizer)
         pruner.load_state_dict({k[len("mask.") :]: v for k, v in t.items() if k.startswith("mask.")})
+
+    def _restore_dual_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # The JSON holds plain numbers and names; the live optimizer's groups say which were tensors or enums.
+        groups = []
+        for live, saved in zip(optimizer.param_groups, self.dual_optimizer["param_groups"]):
+            group = dict(saved)
+            for key, value in live.items():
+                if isinstance(value, torch.Tensor) and key in group:
+                    group[key] = torch.tensor(group[key], dtype=value.dtype, device=value.device)
+                elif isinstance(value, Enum) and key in group:
+                    group[key] = type(value)[group[key]]
+            groups.append(group)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in self.tensors.items():
+            if key.startswith(DUAL_STATE_PREFIX):
+                index, name = key[len(DUAL_STATE_PREFIX) :].split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _split_dual_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The dual optimizer's `state_dict()` as JSON (its name and hyperparameters: tensors as numbers, enums
+    by name) and tensors (per-parameter state, e.g. nuPI's ξ, as `dual_optimizer.state.<index>.<name>`)."""
+    full = optimizer.state_dict()
+    tensors = {
+        f"{DUAL_STATE_PREFIX}{index}.{name}": value
+        for index, values in full["state"].items()
+        for name, value in values.items()
+    }
+    if any(not isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"ConstrainedState: the dual optimizer's state {full['state']} holds non-tensors.")
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        return value.name if isinstance(value, Enum) else value
+
+    groups = [{k: plain(v) for k, v in group.items()} for group in full["param_groups"]]
+    return {"name": dual_optimizer_name(optimizer), "param_groups": groups}, tensors

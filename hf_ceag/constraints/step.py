@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 
 import torch
+from cooper.optim import nuPI
+from cooper.optim.torch_optimizers.nupi_optimizer import nuPIInitType
 
 from .gaps import buffer_excess_gaps
 from .problems import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
@@ -27,6 +29,7 @@ class ConstrainedStep:
         self.problem, self.dual_optimizer = problem, dual_optimizer
         self.metrics = StepMetrics(problem, constrained=dual_optimizer is not None)
         self._multipliers_before_step: torch.Tensor | None = None
+        self._dual_state_before_step: list[torch.Tensor] = []
         self._dual_step_moved: torch.Tensor | None = None
 
     @classmethod
@@ -34,8 +37,9 @@ class ConstrainedStep:
         cls, args, reference: DenseReference, estimate_reference: DenseReference | None = None
     ) -> ConstrainedStep:
         """The problem `args.mitigation` asks for (NFT keeps a CEAG problem, never stepping its duals, for its
-        logs), on `args.device`, with plain SGD ascent on the multipliers at `args.dual_lr`. `estimate_reference`:
-        the dense model on the held-out rows whose predictions the estimates are built from, if any."""
+        logs), on `args.device`, with projected ascent on the multipliers at `args.dual_lr` by
+        `args.dual_optimizer` (`build_dual_optimizer`). `estimate_reference`: the dense model on the held-out rows
+        whose predictions the estimates are built from, if any."""
         if args.mitigation == "equalized_loss":
             problem = EqualizedLossProblem(
                 reference, args.buffer_size, device=args.device, estimate_reference=estimate_reference
@@ -51,7 +55,14 @@ class ConstrainedStep:
             )
         dual_optimizer = None
         if args.mitigation != "none":
-            dual_optimizer = torch.optim.SGD(problem.dual_parameters(), lr=args.dual_lr, maximize=True)
+            dual_optimizer = build_dual_optimizer(
+                getattr(args, "dual_optimizer", "sgd"),
+                problem.dual_parameters(),
+                args.dual_lr,
+                kp=getattr(args, "nupi_kp", 0.0),
+                ki=getattr(args, "nupi_ki", 1.0),
+                ema_nu=getattr(args, "nupi_ema_nu", 0.0),
+            )
         return cls(problem, dual_optimizer)
 
     def loss(
@@ -87,23 +98,75 @@ class ConstrainedStep:
         dual = state.compute_dual_lagrangian()
         if dual.lagrangian is None:
             return
-        problem = self.problem
+        problem, optimizer = self.problem, self.dual_optimizer
         self._multipliers_before_step = problem.multiplier.weight.detach().clone()
+        self._dual_state_before_step = [t.clone() for t in dual_state_tensors(optimizer)]
         # with no group ready, λ stays put and the step is not counted
         self._dual_step_moved = problem.ready.any().long()
-        self.dual_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         dual.lagrangian.backward()
-        self.dual_optimizer.step()
+        optimizer.step()
+        # A group not ready has violation 0: SGD leaves its λ_g as it was, but nuPI's proportional term would
+        # still move it (and decay its error memory); its row of λ and of the state is put back.
+        with torch.no_grad():
+            weight = problem.multiplier.weight
+            weight.copy_(torch.where(problem.ready, weight, self._multipliers_before_step))
+            for now, before in zip(dual_state_tensors(optimizer), self._dual_state_before_step):
+                now.copy_(torch.where(problem.ready, now, before))
         problem.multiplier.post_step_()
         problem.dual_step_count += self._dual_step_moved
 
     def undo_if_skipped(self, skipped: bool) -> None:
-        """After the optimizer step: if it was `skipped` (fp16 overflow), put λ and the dual-step count back."""
+        """After the optimizer step: if it was `skipped` (fp16 overflow), put λ, the dual optimizer's state (nuPI's
+        error memory) and the dual-step count back."""
         before, self._multipliers_before_step = self._multipliers_before_step, None
+        state_before, self._dual_state_before_step = self._dual_state_before_step, []
         if before is not None and skipped:
             with torch.no_grad():
                 self.problem.multiplier.weight.copy_(before)
+                for now, saved in zip(dual_state_tensors(self.dual_optimizer), state_before):
+                    now.copy_(saved)
             self.problem.dual_step_count -= self._dual_step_moved
+
+
+def build_dual_optimizer(
+    name: str, params, lr: float, kp: float = 0.0, ki: float = 1.0, ema_nu: float = 0.0
+) -> torch.optim.Optimizer:
+    """The ascent optimizer of the multipliers: plain SGD (`"sgd"`), or Cooper's nuPI controller (`"nupi"`),
+
+        ξ_t = ν ξ_(t−1) + (1 − ν) e_t,   λ_(t+1) = [λ_t + η (κ_i e_t + κ_p (ξ_t − ξ_(t−1)))]₊,   ξ_(−1) = 0,
+
+    with e_t the violations (the projection is `multiplier.post_step_()`). ξ_(−1) = 0 (Cooper's `ZEROS`
+    initialisation) makes it the PI controller λ_(t+1) = κ_p ξ_t + κ_i Σ_τ e_τ while λ ≥ 0 is not binding, for
+    every group from the step it becomes ready: before, its violation is 0 and its row stays put. Its state ξ is
+    created here, zero and of fixed shape, so a skipped step and a checkpoint see it from the first step."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, maximize=True)
+    if name != "nupi":
+        raise ValueError(f"dual_optimizer={name!r} is not one of ['sgd', 'nupi'].")
+    optimizer = nuPI(params, lr=lr, Kp=kp, Ki=ki, ema_nu=ema_nu, init_type=nuPIInitType.ZEROS, maximize=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["xi"] = torch.zeros_like(p)
+    return optimizer
+
+
+def dual_optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """`"sgd"` or `"nupi"`: the `dual_optimizer` setting that builds `optimizer`."""
+    return "nupi" if isinstance(optimizer, nuPI) else "sgd"
+
+
+def dual_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The dual optimizer's per-parameter state tensors, in a fixed order (none for SGD; nuPI's ξ)."""
+    if optimizer is None:
+        return []
+    return [
+        value
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for _, value in sorted(optimizer.state[p].items())
+        if isinstance(value, torch.Tensor)
+    ]
 
 
 class StepMetrics:
