@@ -201,11 +201,6 @@ class CEAGConfig(TrainingArguments):
                 f"constraint_split={self.constraint_split} is outside [0, 1): give the fraction of training rows "
                 "held out for the dual step, e.g. 0.2, or 0 for the paper's scheme."
             )
-        if self.constraint_split > 0 and self.mitigation == "none":
-            raise ValueError(
-                f"constraint_split={self.constraint_split} with mitigation='none': held-out rows feed the dual "
-                "step, and NFT has none; they would only be taken from training. Set constraint_split=0 for NFT."
-            )
         if self.pruning_method not in PRUNING_METHODS:
             raise ValueError(f"pruning_method={self.pruning_method!r} is not one of {list(PRUNING_METHODS)}.")
         if self.pruning_method == "fairgrape" and self.mitigation != "none":

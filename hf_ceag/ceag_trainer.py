@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -112,7 +113,13 @@ class CEAGTrainer(Trainer):
         warn_small_groups(self.group_index, config.buffer_size)
         params["train_dataset"] = encode_split(self.group_index, train_dataset, "train")
         self.constraint_dataset: datasets.Dataset | None = None  # held-out duals: rows kept out of the primal step
-        if config.constraint_split > 0:
+        if config.constraint_split > 0 and config.mitigation == "none":
+            warnings.warn(
+                f"constraint_split={config.constraint_split} is ignored with mitigation='none': NFT has no dual "
+                "step to feed, so it trains on every training row.",
+                stacklevel=2,
+            )
+        elif config.constraint_split > 0:
             params["train_dataset"], self.constraint_dataset = hold_out_rows(
                 params["train_dataset"], config.constraint_split, config.seed
             )

@@ -33,7 +33,13 @@ from hf_ceag.benchmarks.document import (
     readme_results,
     update_readme,
 )
-from hf_ceag.benchmarks.machine import commit
+from hf_ceag.benchmarks.generalisation import (
+    generalisation_runs,
+    generalisation_section,
+    merge_section,
+    section_block,
+)
+from hf_ceag.benchmarks.machine import commit, machine
 from hf_ceag.benchmarks.memory import memory, memory_child
 from hf_ceag.benchmarks.methods import method_runs
 from hf_ceag.benchmarks.overhead import overhead
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     work = settings.work_dir or tempfile.mkdtemp(prefix="hf-ceag-bench-")
     if settings.device_section:
         return device_main(settings, extra, argv, output, work)
+    if settings.generalisation_section:
+        return generalisation_main(settings, extra, argv, output, work)
     seconds, start = {}, time.perf_counter()
     try:
         defaults = default_runs(RECIPE, settings, extra, work, REPO_ROOT)
@@ -94,10 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results = (defaults, runs, over, scaling, fairgrape, peaks)
     head = commit(REPO_ROOT)
     text = document(settings, argv, *results, seconds, line, recipe_defaults=RECIPE.defaults, commit=head)
-    if os.path.isfile(output):  # the device sections were measured elsewhere: keep them
+    if os.path.isfile(output):  # part 5 and the device sections were measured by their own commands: keep them
         with open(output) as f:
-            kept = device_block(f.read())
-        text += f"\n{kept}\n" if kept else ""
+            old = f.read()
+        for kept in (section_block(old), device_block(old)):
+            text += f"\n{kept}\n" if kept else ""
     _write(output, text)
     if os.path.abspath(output) == os.path.join(REPO_ROOT, "BENCHMARKS.md"):
         update_readme(os.path.join(REPO_ROOT, "README.md"), readme_results(argv, defaults, head))
@@ -121,6 +130,26 @@ def device_main(settings, extra: list[str], argv: list[str], output: str, work: 
     _write(output, text)
     _report(text, output, line)
     return values
+
+
+def generalisation_main(settings, extra: list[str], argv: list[str], output: str, work: str) -> dict:
+    """`--generalisation_section`: part 5's runs, written into the part-5 block of `output`."""
+    start = time.perf_counter()
+    try:
+        rows = generalisation_runs(RECIPE, settings, extra, work, REPO_ROOT)
+    finally:
+        if not settings.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    facts = machine()
+    where = f"CPU {facts['CPU']}; cores {facts['cores']}; RAM {facts['RAM']}; one torch thread per run, {os.cpu_count()} runs at once"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = generalisation_section(
+        settings, argv, rows, time.perf_counter() - start, commit(REPO_ROOT), when, where
+    )
+    merge_section(output, text)
+    print(text)
+    print(f"Wrote part 5 into {output}")
+    return {}
 
 
 def _write(output: str, text: str) -> None:

@@ -237,6 +237,7 @@ def dense_model(
         learning_rate=script.dense_learning_rate,
         lr_scheduler_type="cosine",
         mitigation="none",
+        constraint_split=0.0,
         target_sparsity=0.0,
         hub_token=None,  # never pickled into the dense folder's training_args.bin
         push_to_hub=False,  # --push_to_hub publishes the pruned models, not their dense parent
@@ -272,7 +273,7 @@ def prune_with(
     report.json, the model card README.md with its plot (naming `dataset_name`), and run_config.json."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
     args = dataclasses.replace(
-        config, mitigation=mitigation, output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
+        method_config(config, mitigation), output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
     )
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
@@ -392,8 +393,15 @@ def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]
         print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods none).")
         methods = ["none"]
     for method in methods:  # each method's own config validates now, not after dense training
-        dataclasses.replace(config, mitigation=method)
+        method_config(config, method)
     return methods
+
+
+def method_config(config: CEAGConfig, mitigation: str) -> CEAGConfig:
+    """The run's config for one method. NFT has no dual step, so it trains on every training row whatever
+    `--constraint_split` says (the held-out rows feed the dual step of the constrained methods only)."""
+    held_out = {"constraint_split": 0.0} if mitigation == "none" else {}
+    return dataclasses.replace(config, mitigation=mitigation, **held_out)
 
 
 def _keep_global_batch(config: CEAGConfig, given: set[str]) -> CEAGConfig:

@@ -124,9 +124,12 @@ def test_held_out_duals_estimate_from_eval_predictions_on_held_out_rows(tiny_mod
     assert "Per-group results: constraint" in card and "held out from the primal step" in card
 
 
-def test_held_out_duals_are_refused_for_nft(make_config):
-    with pytest.raises(ValueError, match="constraint_split=0.2 with mitigation='none'"):
-        make_config(mitigation="none", constraint_split=0.2)
+def test_held_out_duals_are_ignored_by_nft_which_trains_on_every_row(tiny_model, digits, make_config):
+    with pytest.warns(UserWarning, match="constraint_split=0.2 is ignored with mitigation='none'"):
+        trainer = CEAGTrainer(
+            tiny_model, make_config(mitigation="none", constraint_split=0.2), train_dataset=digits["train"]
+        )
+    assert trainer.constraint_dataset is None and len(trainer.train_dataset) == len(digits["train"])
     with pytest.raises(ValueError, match=r"constraint_split=1.0 is outside \[0, 1\)"):
         make_config(constraint_split=1.0)
 

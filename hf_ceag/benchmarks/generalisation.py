@@ -66,7 +66,7 @@ def generalisation_runs(recipe: Recipe, settings, extra: list[str], work: str, c
     os.makedirs(work, exist_ok=True)
     parallel = max(1, (os.cpu_count() or 1))
     base = {seed: os.path.join(work, f"seed{seed}", "base") for seed in settings.default_seeds}
-    jobs = [(seed, None, base[seed], ["--methods", "nft", "ceag"]) for seed in settings.default_seeds]
+    jobs = [(seed, None, base[seed], ["--methods", "none", "ceag"]) for seed in settings.default_seeds]
     _run_all(recipe, jobs, settings, extra, cwd, parallel)
     chosen = variants(settings, recipe)
     jobs = []

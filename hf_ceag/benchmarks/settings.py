@@ -48,6 +48,8 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "default_seeds": [0, 1, 2, 3, 4],
         "default_threads": [1, 2],
         "default_flags": [],
+        "constraint_splits": [0.1, 0.2],
+        "stability_dual_lrs": [0.01, 0.1, 1.0],
     }
 
 
@@ -141,6 +143,18 @@ def parse_settings(
     )
     parser.add_argument(
         "--torch_compile_kinds", action="store_true", help="Also time plain and CEAG with --torch_compile true."
+    )
+    parser.add_argument(
+        "--generalisation_section",
+        action="store_true",
+        help="Only part 5 (held-out duals and nuPI against CEAG and NFT on the default recipe, over "
+        "--default_seeds), written into BENCHMARKS.md's part-5 block (or --output).",
+    )
+    parser.add_argument(
+        "--constraint_splits", type=float, nargs="+", help="Held-out fractions of part 5 (constraint_split)."
+    )
+    parser.add_argument(
+        "--stability_dual_lrs", type=float, nargs="+", help="Dual learning rates of part 5 (nuPI and SGD duals)."
     )
     for hidden in ("--memory_child", "--memory_dense", "--memory_out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
