@@ -104,3 +104,24 @@ def test_device_sections_are_merged_once_and_kept_by_a_rewrite(tmp_path):
     block = device_block(text)
     assert block.startswith(DEVICE_START) and block.endswith(DEVICE_END)
     assert "GPU A" in block and "GPU B" in block and "Headline" not in block
+
+
+def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
+    """The README's part-5 command in miniature (one seed, one variant of each kind): every run writes its
+    report, and the block lands in BENCHMARKS.md, replacing an older one and keeping the rest."""
+    from hf_ceag.benchmarks.generalisation import END, START
+
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(f"# kept\n\n{START}\nold part 5\n{END}\n\n{DEVICE_START}\ngpu\n{DEVICE_END}\n")
+    argv = ["--generalisation_section", "--quick", "--constraint_splits", "0.2", "--stability_dual_lrs", "1.0"]
+    benchmark.main([*argv, "--output", str(output), "--work_dir", str(tmp_path / "work")])
+    text = output.read_text()
+    assert text.startswith("# kept") and "old part 5" not in text and text.count(START) == 1
+    assert text.index(END) < text.index(DEVICE_START) and "gpu" in text
+    rows = {
+        line.split(" | ")[0][2:]: _numbers(line)
+        for line in text.splitlines()
+        if line.startswith("| ") and " | 1 | " in line
+    }
+    assert set(rows) >= {"NFT", "CEAG, held-out duals (20% of rows)", "CEAG, nuPI duals, dual lr 1"}
+    assert all(math.isfinite(v) for values in rows.values() for v in values)

@@ -137,3 +137,4 @@ def test_benchmark_commands_parse():
         assert not unknown, (line, unknown)
     assert any("--device_section" in line for line in lines)
     assert any("--merge_device_section" in line for line in lines)
+    assert any("--generalisation_section" in line for line in lines)
