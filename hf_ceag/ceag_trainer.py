@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from typing import Any
 
 import datasets
@@ -32,22 +31,9 @@ import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .audit.model_card import (
-    build_model_card,
-    model_card_details,
-    training_settings,
-    violation_warning,
-    write_model_folder_extras,
-)
+from .audit.model_card import run_model_card, violation_warning, write_model_folder_extras
 from .audit.predictions import predict_every_row
-from .audit.report import (
-    build_report,
-    group_metrics,
-    method_name,
-    save_report,
-    split_descriptions,
-    split_report,
-)
+from .audit.report import group_metrics, run_report, save_report, split_report
 from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
 from .constraints.held_out import HeldOutRows
@@ -57,17 +43,17 @@ from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
 from .data.encoding import (
     LABEL_COLUMNS,
-    check_labels,
+    check_trainer_inputs,
     encode_eval,
     encode_split,
-    hold_out_rows,
+    split_for_held_out_duals,
     warn_small_groups,
 )
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable
 from .pruning.controller import PruningController
-from .pruning.magnitude import MagnitudePruner, prunable_parameters, sparsity_definition
+from .pruning.magnitude import MagnitudePruner, prunable_parameters
 from .pruning.schedule import CubicSchedule
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
@@ -99,30 +85,13 @@ class CEAGTrainer(Trainer):
         params = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments
         params.pop("self")
         config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
-        if not isinstance(config, CEAGConfig):
-            raise TypeError(f"CEAGTrainer: args must be a CEAGConfig, got {type(config).__name__}.")
-        if model is None:
-            raise ValueError("CEAGTrainer: pass the dense model as `model` (model_init is not supported).")
-        if not isinstance(train_dataset, datasets.Dataset):
-            raise TypeError(
-                "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
-                f"{config.group_columns}; got {type(train_dataset).__name__}."
-            )
-        check_labels(train_dataset, model, "train")
+        check_trainer_inputs(config, model, train_dataset, CEAGConfig)
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
         warn_small_groups(self.group_index, config.buffer_size)
-        params["train_dataset"] = encode_split(self.group_index, train_dataset, "train")
-        self.constraint_dataset: datasets.Dataset | None = None  # held-out duals: rows kept out of the primal step
-        if config.constraint_split > 0 and config.mitigation == "none":
-            warnings.warn(
-                f"constraint_split={config.constraint_split} is ignored with mitigation='none': NFT has no dual "
-                "step to feed, so it trains on every training row.",
-                stacklevel=2,
-            )
-        elif config.constraint_split > 0:
-            params["train_dataset"], self.constraint_dataset = hold_out_rows(
-                params["train_dataset"], config.constraint_split, config.seed
-            )
+        # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
+        params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(
+            encode_split(self.group_index, train_dataset, "train"), config
+        )
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
@@ -450,30 +419,10 @@ class CEAGTrainer(Trainer):
                 num_constrained_groups=self.group_index.num_groups,
                 seed=self.args.seed,
             )
-        self.report = build_report(
-            method=method_name(self.args),
-            tolerance=self.args.tolerance,
-            target_sparsity=self.args.target_sparsity,
-            sparsity=self.pruner.sparsity(),
-            splits=reports,
-            buffer_size=self.args.buffer_size,
-            dual_lr=self.args.dual_lr,
-            pruning_scope=self.args.pruning_scope,
-            group_columns=list(self.group_index.columns),
-            sparsity_definition=sparsity_definition(self.args.keep_first_last_dense, len(self.pruner.parameters)),
-            layer_sparsity=self.pruner.layer_sparsity(),
-            pruning_method=self.args.pruning_method,
-            pruning_seconds=round(self.pruning_seconds, 3),
-            dual_steps=self.problem.dual_steps if self.problem is not None else 0,
-            constraint_split=self.args.constraint_split,
-            split_rows=split_descriptions(list(reports), self.args.constraint_split),
-            multipliers=self._final_multipliers(),
+        self.report = run_report(
+            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3)
         )
         return self.report
-
-    def _final_multipliers(self) -> dict[str, float]:
-        names = self.group_index.names[: self.group_index.num_groups]
-        return dict(zip(names, self.problem.multipliers_tensor().tolist())) if self.problem is not None else {}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`; after training, also `report.json`, the card `README.md` and its plot."""
@@ -501,22 +450,12 @@ class CEAGTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         folder = output_dir or self.args.output_dir
-        given = {k: v for k, v in {**self.card_metadata, **kwargs}.items() if v is not None}
-        kwargs = {**model_card_details(self.model, folder, self.pruner.parameters), **given}
-        timm_architecture = getattr(getattr(self.model, "config", None), "architecture", None)
-        card = build_model_card(
-            report,
-            model_name=kwargs.get("model_name") or os.path.basename(os.path.abspath(folder)),
-            repo_or_path=self.hub_model_id or self.args.hub_model_id or os.path.abspath(folder),
-            training=training_settings(self.args, self.schedule, list(self.group_index.columns)),
-            base_model=kwargs.get("finetuned_from")
-            or getattr(getattr(self.model, "config", None), "_name_or_path", None),
-            dataset_name=kwargs.get("dataset") if isinstance(kwargs.get("dataset"), str) else None,
-            command=self.reproduce_command,
-            timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
+        card = run_model_card(
+            report, self.model, folder, self.args, self.schedule, list(self.group_index.columns), self.pruner,
+            repo=self.hub_model_id or self.args.hub_model_id, command=self.reproduce_command,
             allow_violated_constraints=self._allow_violated_constraints,
-            **{k: kwargs[k] for k in ("license", "task", "grayscale", "layer_names", "with_processor")},
-        )
+            details={**self.card_metadata, **kwargs},
+        )  # fmt: skip
         save_report(report, folder)
         write_model_folder_extras(report, card, folder)
 

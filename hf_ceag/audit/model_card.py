@@ -310,6 +310,41 @@ def build_model_card(
     )
 
 
+def run_model_card(
+    report: dict[str, Any],
+    model: Any,
+    folder: str,
+    args,
+    schedule,
+    group_columns: list[str],
+    pruner,
+    repo: str | None,
+    command: str,
+    allow_violated_constraints: bool,
+    details: dict[str, Any],
+) -> ModelCard:
+    """The card of a `CEAGTrainer` run's saved `folder`: `build_model_card` with the run's settings, the saved
+    file's layer names and the model's kind (`model_card_details`), named by `repo` (a Hub id) or the folder.
+    `details` are `Trainer.create_model_card`'s keyword arguments: `model_name`, `finetuned_from` (the dense
+    model's Hub id, shown as base model), `dataset` (the dataset's Hub id) and `license`."""
+    given = {k: v for k, v in details.items() if v is not None}
+    kwargs = {**model_card_details(model, folder, pruner.parameters), **given}
+    config = getattr(model, "config", None)
+    timm_architecture = getattr(config, "architecture", None)
+    return build_model_card(
+        report,
+        model_name=kwargs.get("model_name") or os.path.basename(os.path.abspath(folder)),
+        repo_or_path=repo or os.path.abspath(folder),
+        training=training_settings(args, schedule, group_columns),
+        base_model=kwargs.get("finetuned_from") or getattr(config, "_name_or_path", None),
+        dataset_name=kwargs.get("dataset") if isinstance(kwargs.get("dataset"), str) else None,
+        command=command,
+        timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
+        allow_violated_constraints=allow_violated_constraints,
+        **{k: kwargs[k] for k in ("license", "task", "grayscale", "layer_names", "with_processor")},
+    )
+
+
 def write_model_folder_extras(report: dict[str, Any], card: ModelCard, folder: str) -> None:
     """Write `README.md` (the card) and `excess_gaps.png` (the plot the card shows) into `folder`."""
     os.makedirs(folder, exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..constraints.gaps import excess_gaps
+from ..pruning.magnitude import sparsity_definition
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "excess_gaps.png"
@@ -300,6 +301,33 @@ def build_report(
         **extra,
         "splits": splits,
     }
+
+
+def run_report(args, splits: dict[str, dict[str, Any]], pruner, group_index, problem, pruning_seconds: float):
+    """The `report.json` document of a `CEAGTrainer` run: `build_report` of its per-split reports with the run's
+    settings (`args`, a `CEAGConfig`), the pruner's measured sparsity (overall and per layer, and its
+    definition), the dual steps taken and the final multiplier of every training group."""
+    names = group_index.names[: group_index.num_groups]
+    multipliers = dict(zip(names, problem.multipliers_tensor().tolist())) if problem is not None else {}
+    return build_report(
+        method=method_name(args),
+        tolerance=args.tolerance,
+        target_sparsity=args.target_sparsity,
+        sparsity=pruner.sparsity(),
+        splits=splits,
+        buffer_size=args.buffer_size,
+        dual_lr=args.dual_lr,
+        pruning_scope=args.pruning_scope,
+        group_columns=list(group_index.columns),
+        sparsity_definition=sparsity_definition(args.keep_first_last_dense, len(pruner.parameters)),
+        layer_sparsity=pruner.layer_sparsity(),
+        pruning_method=args.pruning_method,
+        pruning_seconds=pruning_seconds,
+        dual_steps=problem.dual_steps if problem is not None else 0,
+        constraint_split=args.constraint_split,
+        split_rows=split_descriptions(list(splits), args.constraint_split),
+        multipliers=multipliers,
+    )
 
 
 def save_report(report: dict[str, Any], directory: str) -> str:

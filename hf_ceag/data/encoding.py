@@ -13,6 +13,35 @@ from .images import check_label_column
 LABEL_COLUMNS = ("label", "labels")
 
 
+def check_trainer_inputs(config, model, train_dataset, config_class: type) -> None:
+    """Refuse, before anything else, a `CEAGTrainer` without a `CEAGConfig`, a model or a `datasets.Dataset` to
+    train on; then the training labels (`check_labels`)."""
+    if not isinstance(config, config_class):
+        raise TypeError(f"CEAGTrainer: args must be a {config_class.__name__}, got {type(config).__name__}.")
+    if model is None:
+        raise ValueError("CEAGTrainer: pass the dense model as `model` (model_init is not supported).")
+    if not isinstance(train_dataset, datasets.Dataset):
+        raise TypeError(
+            "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
+            f"{config.group_columns}; got {type(train_dataset).__name__}."
+        )
+    check_labels(train_dataset, model, "train")
+
+
+def split_for_held_out_duals(train: datasets.Dataset, config) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(the rows the primal step trains on, the held-out rows of the dual step or None) for `config`'s
+    `constraint_split` (`hold_out_rows`); NFT has no dual step, so it keeps every row (with a warning)."""
+    if config.constraint_split > 0 and config.mitigation == "none":
+        warnings.warn(
+            f"constraint_split={config.constraint_split} is ignored with mitigation='none': NFT has no dual "
+            "step to feed, so it trains on every training row.",
+            stacklevel=3,
+        )
+    if config.constraint_split <= 0 or config.mitigation == "none":
+        return train, None
+    return hold_out_rows(train, config.constraint_split, config.seed)
+
+
 def encode_split(index: GroupIndex, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
     """Add the group id column and drop the raw group columns: only the ids are needed from here on, and every
     extra column costs time in the datasets formatter on each batch."""
