@@ -3,6 +3,8 @@
     python tests/distributed_worker.py OUT BATCH GRAD_ACCUM MITIGATION [PRECISION]
     torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT BATCH 1 ceag
 
+`CEAG_TEST_CONSTRAINT_SPLIT` (default 0) sets `constraint_split` (held-out duals).
+
 A tiny ViT (LayerNorm, no BatchNorm) keeps the forward pass independent of how a batch is split, so runs
 that split the same samples differently can be compared.
 """
@@ -53,6 +55,7 @@ def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
         disable_tqdm=True,
         bf16=precision == "bf16",
         use_cpu=use_cpu or not torch.cuda.is_available(),
+        constraint_split=float(os.environ.get("CEAG_TEST_CONSTRAINT_SPLIT", "0")),
         seed=0,
     )
     trainer = CEAGTrainer(model, config, train_dataset=data["train"])
@@ -62,6 +65,7 @@ def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
         "buffer": trainer.problem.buffer.values,
         "weights": torch.cat([p.detach().flatten().float() for p in model.parameters()]),
         "reference_accuracy": torch.tensor(trainer.dense_reference.group_accuracy),
+        "held_out_rows": torch.tensor(len(trainer.constraint_dataset) if trainer.constraint_dataset else 0),
     }
     rank = trainer.args.process_index
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(out, f"rank{rank}.safetensors"))

@@ -2,6 +2,7 @@
 estimates built from the model's eval-mode predictions on those rows, each checked against a naive loop."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -174,3 +175,25 @@ def test_held_out_duals_resume_exactly(tmp_path, tiny_model, digits, make_config
         ValueError, match="Checkpoint was written with held-out duals; this run has constraint_split=0"
     ):
         refused.train(resume_from_checkpoint=True)
+
+
+def test_held_out_duals_on_two_processes_hold_identical_state(tmp_path):
+    """Each process draws its own share of held-out rows; the trainer gathers them, so both ranks take the same
+    dual steps: identical multipliers, buffers and weights (CPU processes, gloo)."""
+    import subprocess
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "CEAG_TEST_CONSTRAINT_SPLIT": "0.25"}  # fmt: skip
+    worker = str(root / "tests" / "distributed_worker.py")
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", worker, str(tmp_path), "16", "1", "ceag"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world_size=2" in result.stdout
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    for key in ("multiplier", "buffer", "weights"):
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert rank0["multiplier"].abs().sum() > 0 and int(rank0["held_out_rows"]) > 0
