@@ -106,13 +106,15 @@ class ConstrainedStep:
         optimizer.zero_grad(set_to_none=True)
         dual.lagrangian.backward()
         optimizer.step()
-        # A group not ready has violation 0: SGD leaves its λ_g as it was, but nuPI's proportional term would
-        # still move it (and decay its error memory); its row of λ and of the state is put back.
-        with torch.no_grad():
-            weight = problem.multiplier.weight
-            weight.copy_(torch.where(problem.ready, weight, self._multipliers_before_step))
-            for now, before in zip(dual_state_tensors(optimizer), self._dual_state_before_step):
-                now.copy_(torch.where(problem.ready, now, before))
+        # A group not ready has violation 0: SGD leaves its λ_g exactly as it was (nothing to do), but nuPI's
+        # proportional term would still move it (and decay its error memory); its row of λ and of the state is
+        # put back.
+        if self._dual_state_before_step:
+            with torch.no_grad():
+                weight = problem.multiplier.weight
+                weight.copy_(torch.where(problem.ready, weight, self._multipliers_before_step))
+                for now, before in zip(dual_state_tensors(optimizer), self._dual_state_before_step):
+                    now.copy_(torch.where(problem.ready, now, before))
         problem.multiplier.post_step_()
         problem.dual_step_count += self._dual_step_moved
 
