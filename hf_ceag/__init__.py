@@ -18,7 +18,7 @@ from .data.groups import GROUP_ID_COLUMN, GroupIndex
 from .data.images import image_processor, load_digits_dataset, load_image_dataset
 from .data.styled_digits import load_styled_digits_dataset
 from .models.cifar_resnet import register_timm_models
-from .models.classifiers import build_classifier, from_timm
+from .models.classifiers import build_classifier, from_timm, load_classifier
 from .pruning.magnitude import MagnitudePruner, prunable_parameters
 from .pruning.schedule import CubicSchedule
 
@@ -46,6 +46,7 @@ __all__ = [
     "from_timm",
     "image_processor",
     "load_cifar100",
+    "load_classifier",
     "load_digits_dataset",
     "load_fairface",
     "load_image_dataset",

@@ -51,7 +51,8 @@ from .data.encoding import (
 )
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
-from .models.classifiers import classifier_logits, make_timm_loadable
+from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
+from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
 from .pruning.magnitude import MagnitudePruner, prunable_parameters
 from .pruning.schedule import CubicSchedule
@@ -85,6 +86,7 @@ class CEAGTrainer(Trainer):
         params = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments
         params.pop("self")
         config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
+        narrow_for_grayscale_data(model, train_dataset)  # a grayscale model hf-ceag published as an RGB one
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
         warn_small_groups(self.group_index, config.buffer_size)
@@ -116,6 +118,7 @@ class CEAGTrainer(Trainer):
         self._step_group_counts: torch.Tensor | None = None
         self._evaluating_split: str | None = None
         self._allow_violated_constraints = False
+        self._saving_checkpoint = False
         self.report: dict[str, Any] | None = None
         self.reproduce_command = ""
         self.card_metadata: dict[str, Any] = {}  # defaults of create_model_card's keyword arguments (dataset, ...)
@@ -227,7 +230,11 @@ class CEAGTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save the Trainer checkpoint, then the constrained state beside it (identical on every process)."""
-        super()._save_checkpoint(model, trial)
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
         if self.args.should_save and self.problem is not None:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -438,7 +445,13 @@ class CEAGTrainer(Trainer):
         finally:
             self.args.hub_token = token
         if self.args.should_save:
-            make_timm_loadable(output_dir or self.args.output_dir, self.model)
+            folder = output_dir or self.args.output_dir
+            # a checkpoint keeps the model as trained (a resume loads it as it is); a published folder loads with
+            # timm alone, and a grayscale model in it takes RGB images (`pipeline` on image files)
+            if self._saving_checkpoint:
+                make_timm_loadable(folder, self.model)
+            else:
+                save_loadable(folder, self.model)
 
     def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.

@@ -21,14 +21,15 @@ import huggingface_hub
 import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_ceag import DataArguments, _has_accelerator, load_data, reproduce_command  # noqa: E402
 
-from hf_ceag import GroupIndex, format_report, prunable_parameters, register_timm_models  # noqa: E402
+from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
 from hf_ceag.data.groups import GROUP_ID_COLUMN  # noqa: E402
 from hf_ceag.audit.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
+from hf_ceag.models.classifiers import load_classifier  # noqa: E402
 from hf_ceag.pruning.magnitude import measured_sparsity, sparsity_definition  # noqa: E402
 from hf_ceag.audit.report import build_report, save_report, split_report  # noqa: E402
 
@@ -55,10 +56,7 @@ def load_model(path: str, role: str):
     """One model; refused when its saved weights do not fill its architecture, since it would then be audited
     with re-initialised weights."""
     check_model_path(path, role)
-    register_timm_models()  # a saved cifar_resnet56 needs it to load
-    model, info = AutoModelForImageClassification.from_pretrained(
-        path, use_safetensors=True, output_loading_info=True
-    )
+    model, info = load_classifier(path, output_loading_info=True)
     missing, unexpected = list(info.get("missing_keys", [])), list(info.get("unexpected_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
     if missing or unexpected or mismatched:

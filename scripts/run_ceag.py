@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import yaml
-from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer, set_seed
+from transformers import HfArgumentParser, Trainer, set_seed
 
 from hf_ceag import (
     CEAGConfig,
@@ -40,8 +40,7 @@ from hf_ceag import (
 )
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import load_recipe_data
-from hf_ceag.models.cifar_resnet import register_timm_models
-from hf_ceag.models.classifiers import make_timm_loadable
+from hf_ceag.models.classifiers import load_classifier, save_loadable
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -251,7 +250,7 @@ def dense_model(
     trainer.train()
     trainer.save_model(dense_dir)
     if trainer.is_world_process_zero():
-        make_timm_loadable(dense_dir, model)
+        save_loadable(dense_dir, model)
         with open(os.path.join(dense_dir, DENSE_RECORD), "w") as f:
             json.dump(provenance, f, indent=2)
     trainer.accelerator.wait_for_everyone()  # every process loads this folder next
@@ -278,8 +277,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
-    register_timm_models()  # a saved cifar_resnet56 needs it to load
-    model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
+    model = load_classifier(dense_dir)
     trainer = CEAGTrainer(
         model=model,
         args=args,
@@ -464,7 +462,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
         gaps = {name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}
         print(f"Train max excess accuracy gap per method (JSON): {json.dumps(gaps)}")
+    end_processes()
     return reports
+
+
+def end_processes() -> None:
+    """Under a multi-process launcher, close the process group before exiting (a process that exits with it
+    open can abort: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -55,15 +55,18 @@ def make_config(tmp_path):
 @pytest.fixture(scope="session")
 def check_pipeline():
     """`check(folder, images, pixel_values, atol)`: `transformers.pipeline("image-classification", folder)` on
-    `images` gives the saved model's own predictions on the `pixel_values` it was trained and evaluated on
-    (top label wherever the model is not torn between two classes, and scores within `atol`)."""
+    `images` (PIL images, files, arrays) gives the saved model's own predictions on the `pixel_values` it was
+    trained and evaluated on (top label wherever the model is not torn between two classes, and scores within
+    `atol`). The model is the one hf-ceag trained (`load_classifier`: a grayscale one with 1 channel)."""
 
     def check(folder, images, pixel_values, atol=1e-5):
         import torch
-        from transformers import AutoModelForImageClassification, pipeline
+        from transformers import pipeline
+
+        from hf_ceag import load_classifier
 
         classifier = pipeline("image-classification", model=str(folder), device="cpu")
-        model = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+        model = load_classifier(str(folder)).eval()
         with torch.no_grad():
             own = model(pixel_values=pixel_values).logits.softmax(-1)
         top2 = own.topk(2, dim=-1).values

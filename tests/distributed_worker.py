@@ -71,6 +71,9 @@ def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
     save_file({k: v.contiguous().cpu() for k, v in state.items()}, os.path.join(out, f"rank{rank}.safetensors"))
     if rank == 0:
         print(f"world_size={trainer.args.world_size}")
+    if torch.distributed.is_initialized():  # exiting with it open can abort a process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -283,12 +283,14 @@ def test_saved_folder_card_and_timm_loading(trained, tmp_path):
         assert expected in text, expected
     assert "| 3 | 27 |" in text  # a per-group row
     x = torch.randn(2, 1, 16, 16)
+    rgb = x.expand(-1, 3, -1, -1)  # the grayscale model is saved to take RGB images (grey ones: the same logits)
     trained_model = copy.deepcopy(trained.model).cpu().eval()  # the trainer's may sit on a GPU
     hf = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True).eval()
     bare = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(bare(x), hf(pixel_values=x).logits)
-        torch.testing.assert_close(hf(pixel_values=x).logits, trained_model(pixel_values=x).logits)
+        torch.testing.assert_close(bare(rgb), hf(pixel_values=rgb).logits)
+        torch.testing.assert_close(hf(pixel_values=rgb).logits, trained_model(pixel_values=x).logits)
+    assert "It was trained on 1-channel (grayscale) images and is saved to take RGB ones" in text
 
 
 def test_push_to_hub_gate_and_no_token_in_files(trained):

@@ -85,14 +85,19 @@ def test_default_pipeline_writes_reports_cards_and_an_audit_that_agree(tmp_path,
     assert audited["sparsity_definition"] == trained["sparsity_definition"]
     assert audited["sparsity_all_conv_linear"] < audited["sparsity"]  # the first and last layers are dense
 
-    # transformers' pipeline gives each folder's own predictions on grayscale images (8-bit: pixel values within
-    # one grey level of the float digits); it used to crash (a 3-channel 160-px input for a 1-channel model)
+    # transformers' pipeline gives each folder's own predictions on grayscale PIL images and image files (8-bit:
+    # pixel values within one grey level of the float digits); it used to crash on both, since pipeline converts
+    # them to RGB (the 1-channel models are saved to take RGB: models/rgb_input.py)
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     from hf_ceag.data.images import digits_pixel_values
 
     digits = load_digits().images[:100]
-    images = [np.round(image * 255 / 16).astype(np.uint8)[:, :, None] for image in digits]
+    images = [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L") for image in digits]
+    for i in range(0, 100, 10):  # every tenth one as a file
+        images[i].save(tmp_path / f"digit{i}.png")
+        images[i] = str(tmp_path / f"digit{i}.png")
     for name in ("dense", "ceag"):
         check_pipeline(out / name, images, digits_pixel_values(digits, 16), atol=0.02)
 

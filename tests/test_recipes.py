@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
-from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier
+from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier, load_classifier
 from hf_ceag.data import face_datasets as fd
 from hf_ceag.data.recipes import RECIPE_DATASETS, load_recipe_data
 
@@ -375,7 +375,7 @@ def scaled_down(config, out, train_rows):
 
 
 def prune(dense_dir, config, mitigation, data):
-    model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
+    model = load_classifier(dense_dir)
     args = dataclasses.replace(config, mitigation=mitigation)
     trainer = CEAGTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset={"test": data["test"]})
     trainer.train()

@@ -11,8 +11,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
-from hf_ceag import CEAGTrainer, DenseReference
+from hf_ceag import CEAGTrainer, DenseReference, load_classifier
 from hf_ceag.constraints.reference import REFERENCE_FILE
+from hf_ceag.models.rgb_input import grayscale_stem
 
 
 def dense_statistics_by_hand(model, dataset):
@@ -73,7 +74,9 @@ def test_saved_sparse_model_loads_without_hf_ceag(tmp_path, tiny_model, digits, 
     with torch.no_grad():
         expected = tiny_model(pixel_values=x).logits
     torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
-    zeros = {n: int((p == 0).sum()) for n, p in tiny_model.named_parameters()}
+    # saved to take RGB images: its first layer holds the trained 1-channel weights three times, scaled
+    stem = grayscale_stem(tiny_model) + ".weight"
+    zeros = {n: int((p == 0).sum()) * (3 if n == stem else 1) for n, p in tiny_model.named_parameters()}
     (tmp_path / "zeros.json").write_text(json.dumps(zeros))
     code = f"""
 import json, sys
@@ -84,7 +87,7 @@ from transformers import AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, use_safetensors=True).eval()
 data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 with torch.no_grad():
-    logits = model(pixel_values=data["x"]).logits
+    logits = model(pixel_values=data["x"].expand(-1, 3, -1, -1)).logits  # grey images as RGB
 torch.testing.assert_close(logits, data["logits"])
 zeros = {{n: int((p == 0).sum()) for n, p in model.named_parameters()}}
 assert zeros == json.load(open({str(tmp_path / "zeros.json")!r})), "zero pattern differs"
@@ -180,12 +183,14 @@ def test_transformers_image_classifiers_prune_and_reload(tmp_path, digits, make_
     assert names and all("classifier" not in n for n in names)
     assert trainer.pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
     trainer.save_model(str(tmp_path / kind))
+    # saved to take RGB (grey images: the same logits); hf-ceag loads back the 1-channel model, bit for bit
     reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / kind), use_safetensors=True)
+    trained = load_classifier(str(tmp_path / kind))
     x = digits["test"][:4]["pixel_values"]
     with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded.eval()(pixel_values=x).logits, model.cpu().eval()(pixel_values=x).logits
-        )
+        expected = model.cpu().eval()(pixel_values=x).logits
+        torch.testing.assert_close(reloaded.eval()(pixel_values=x.expand(-1, 3, -1, -1)).logits, expected)
+        assert torch.equal(trained.eval()(pixel_values=x).logits, expected)
 
 
 def test_a_given_dense_reference_is_used_and_checked(tiny_model, digits, make_config):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[
     return {
         "task": model_task(model),
         "grayscale": channels == 1,
+        "rgb_input": _saved_as_rgb(folder),
         "with_processor": any(
             os.path.isfile(os.path.join(folder, name))
             for name in ("preprocessor_config.json", "tokenizer_config.json")
@@ -103,6 +105,17 @@ def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[
         "layer_names": saved_parameter_names(os.path.join(folder, "model.safetensors"), pruned),
         "license": dense_folder_license(getattr(config, "_name_or_path", None)),
     }
+
+
+def _saved_as_rgb(folder: str) -> bool:
+    # a grayscale model whose saved folder takes RGB images (models/rgb_input.py)
+    from ..models.rgb_input import RGB_INPUT_KEY
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return RGB_INPUT_KEY in json.load(f)
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -237,6 +250,7 @@ def build_model_card(
     task: str = "image-classification",
     layer_names: dict[str, str] | None = None,
     grayscale: bool = False,
+    rgb_input: bool = False,
     with_processor: bool = True,
 ) -> ModelCard:
     """Render the card. `training` holds the run settings shown in the card (pruning, buffer_size, dual_lr,
@@ -297,6 +311,7 @@ def build_model_card(
         task=task,
         auto_class=AUTO_CLASSES.get(task, "AutoModel"),
         grayscale=grayscale,
+        rgb_input=rgb_input,
         with_processor=with_processor,
         timm_architecture=timm_architecture,
         timm_hub_prefix="hf-hub:" if _is_hub_id(repo_or_path) else "local-dir:",
@@ -341,7 +356,7 @@ def run_model_card(
         command=command,
         timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
         allow_violated_constraints=allow_violated_constraints,
-        **{k: kwargs[k] for k in ("license", "task", "grayscale", "layer_names", "with_processor")},
+        **{k: kwargs[k] for k in ("license", "task", "grayscale", "rgb_input", "layer_names", "with_processor")},
     )
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import AutoModelForImageClassification
 
 from hf_ceag import MagnitudePruner, prunable_parameters
 from hf_ceag.benchmarks.formatting import verdict
 from hf_ceag.benchmarks.profiling import profile, profile_markdown
 from hf_ceag.benchmarks.settings import TARGETS
 from hf_ceag.benchmarks.timing import fine_tune_args, pruned_model, synchronize, train_timed
+from hf_ceag.models.classifiers import load_classifier
 from hf_ceag.pruning.fairgrape import fairgrape_masks, greedy_select, group_importance, target_shares
 
 
@@ -76,7 +76,7 @@ def fairgrape_cost(settings, context: dict, tiled: datasets.Dataset) -> dict[int
     (group ids as in the scaling part): importance scoring and greedy selection times, and the magnitude
     pruning time of the same layers."""
     config, sparsity = context["config"], settings.sparsities[0]
-    model = AutoModelForImageClassification.from_pretrained(context["dense_dir"], use_safetensors=True)
+    model = load_classifier(context["dense_dir"])
     model.to(config.device)
     parameters = prunable_parameters(model, config.keep_first_last_dense)
     unpruned = {name: torch.ones_like(p, dtype=torch.bool) for name, p in parameters.items()}

@@ -10,9 +10,10 @@ import time
 
 import datasets
 import torch
-from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_ceag import CEAGConfig, CEAGTrainer, MagnitudePruner, prunable_parameters
+from hf_ceag.models.classifiers import load_classifier
 
 
 def synchronize() -> None:
@@ -77,7 +78,7 @@ def fine_tune_args(config: CEAGConfig, output_dir: str, steps: int, sparsity: fl
 
 def pruned_model(dense_dir: str, config: CEAGConfig, sparsity: float):
     """The dense model, magnitude-pruned to `sparsity` with the run's scope."""
-    model = AutoModelForImageClassification.from_pretrained(dense_dir, use_safetensors=True)
+    model = load_classifier(dense_dir)
     MagnitudePruner(prunable_parameters(model, config.keep_first_last_dense), config.pruning_scope).prune_to(
         sparsity
     )

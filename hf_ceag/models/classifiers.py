@@ -4,6 +4,7 @@ transformers image classifiers. Built from scratch, or loaded from a local folde
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from transformers import (
 )
 
 from .cifar_resnet import register_timm_models
+from .rgb_input import narrow_to_grayscale, save_grayscale_as_rgb
 
 
 def build_classifier(
@@ -39,9 +41,7 @@ def build_classifier(
     id2label = id2label or {i: str(i) for i in range(num_labels)}
     label2id = {v: k for k, v in id2label.items()}
     if os.path.isdir(name_or_path) or "/" in name_or_path:
-        return AutoModelForImageClassification.from_pretrained(
-            name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, use_safetensors=True
-        )
+        return load_classifier(name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id)
     if name_or_path in timm.list_models():
         return _timm_classifier(name_or_path, num_labels, id2label, label2id, channels, image_size)
     try:
@@ -59,6 +59,24 @@ def build_classifier(
             "model type. Use e.g. 'resnet18' (timm), 'resnet' (transformers) or a save_pretrained folder."
         ) from error
     return AutoModelForImageClassification.from_config(config)
+
+
+def load_classifier(name_or_path: str, **kwargs: Any):
+    """`AutoModelForImageClassification.from_pretrained` (safetensors only, no remote code; `kwargs` passed on,
+    `output_loading_info` included), with a grayscale model that hf-ceag published as an RGB one
+    (`save_grayscale_as_rgb`) back as the 1-channel model it trained."""
+    register_timm_models()  # a saved cifar_resnet56 needs it to load
+    loaded = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+    if isinstance(loaded, tuple):
+        return (narrow_to_grayscale(loaded[0]), *loaded[1:])
+    return narrow_to_grayscale(loaded)
+
+
+def save_loadable(folder: str, model: nn.Module) -> None:
+    """After `save_pretrained` into `folder`: make it load with timm alone (`make_timm_loadable`), and a
+    grayscale model take RGB images (`save_grayscale_as_rgb`), so `pipeline` works on image files."""
+    make_timm_loadable(folder, model)
+    save_grayscale_as_rgb(folder, model)
 
 
 def _timm_classifier(name, num_labels, id2label, label2id, channels, image_size):
