@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from transformers import TrainingArguments
 
 MITIGATIONS = ("none", "ceag", "equalized_loss")
@@ -171,6 +172,9 @@ class CEAGConfig(TrainingArguments):
     def __post_init__(self) -> None:
         self._validate_ceag_fields()
         super().__post_init__()
+        # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every dataloader.
+        if self.dataloader_pin_memory and (self.use_cpu or not has_accelerator()):
+            self.dataloader_pin_memory = False
 
     def _validate_ceag_fields(self) -> None:
         if self.mitigation not in MITIGATIONS:
@@ -274,3 +278,9 @@ class CEAGConfig(TrainingArguments):
         if self.pruning_end_epoch is not None:
             return self.pruning_end_epoch
         return max(self.pruning_start_epoch, self.num_train_epochs / 2)
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (a GPU or another device it can pin memory for)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator is not None and accelerator.is_available()

@@ -24,9 +24,10 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_ceag import DataArguments, _has_accelerator, load_data, reproduce_command  # noqa: E402
+from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
 
 from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
+from hf_ceag.ceag_config import has_accelerator  # noqa: E402
 from hf_ceag.data.groups import GROUP_ID_COLUMN  # noqa: E402
 from hf_ceag.audit.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
 from hf_ceag.models.classifiers import load_classifier  # noqa: E402
@@ -177,7 +178,7 @@ def correct_predictions(model, dataset: datasets.Dataset, audit: AuditArguments)
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=False,
-        dataloader_pin_memory=_has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
+        dataloader_pin_memory=has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
     )
     rows = dataset.remove_columns(
         [c for c in audit.group_columns + [GROUP_ID_COLUMN] if c in dataset.column_names]

@@ -38,6 +38,7 @@ from hf_ceag import (
     load_image_dataset,
     load_styled_digits_dataset,
 )
+from hf_ceag.ceag_config import has_accelerator
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import load_recipe_data
 from hf_ceag.models.classifiers import load_classifier, save_loadable
@@ -338,20 +339,16 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[S
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 
-def _has_accelerator() -> bool:
-    return getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
-
-
 def _use_cpu_processes_if_no_accelerator() -> None:
     # torchrun / accelerate launch start several processes; without a GPU, accelerate only forms a CPU (gloo)
     # process group when told to use the CPU.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def _set_machine_defaults(parser: HfArgumentParser) -> None:
     # Without a GPU: bf16 autocast on the CPU needs use_cpu, and there is no device memory to pin for.
-    if not _has_accelerator():
+    if not has_accelerator():
         parser.set_defaults(use_cpu=True, dataloader_pin_memory=False)
 
 

@@ -105,6 +105,25 @@ def test_on_a_cpu_machine_the_script_sets_what_bf16_and_the_dataloader_need(tmp_
     assert config.use_cpu and not config.dataloader_pin_memory  # parsing no longer fails on use_cpu
 
 
+def test_the_python_api_pins_memory_only_for_an_accelerator(tiny_model, digits, make_config):
+    import warnings
+
+    from hf_ceag import CEAGTrainer
+    from hf_ceag.ceag_config import has_accelerator
+
+    assert make_config().dataloader_pin_memory == has_accelerator()
+    assert not make_config(use_cpu=True).dataloader_pin_memory
+    assert not make_config(dataloader_pin_memory=False).dataloader_pin_memory  # the user's choice stays
+    config = make_config(max_steps=2, pruning_end_epoch=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]})
+        trainer.train()
+        trainer.group_report()
+    # torch warned once per dataloader on a CPU machine (the dense pass, training, each evaluation)
+    assert not [w for w in caught if "pin_memory" in str(w.message)] or has_accelerator()
+
+
 def test_build_classifier_sizes_a_timm_vit_to_the_images():
     """`image_size` used to be ignored for timm models: a ViT built for 32-px images failed its first forward."""
     from hf_ceag import build_classifier
