@@ -28,7 +28,7 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers import EvalPrediction, Trainer, TrainerCallback, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .audit.model_card import run_model_card, violation_warning, write_model_folder_extras
@@ -49,6 +49,7 @@ from .data.encoding import (
     split_for_held_out_duals,
     warn_small_groups,
 )
+from .data.batches import ColumnBatches, ColumnCollator
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
@@ -96,6 +97,8 @@ class CEAGTrainer(Trainer):
         )
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
+        if self.data_collator is default_data_collator and config.train_sampling_strategy in ("random", "sequential"):
+            self.data_collator = ColumnCollator(default_data_collator)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
         # refuses a model without prunable layers, still before any training.
         self.pruner = MagnitudePruner(
@@ -171,7 +174,9 @@ class CEAGTrainer(Trainer):
         # A dataset transform reads raw columns (e.g. `image`): drop unused columns from its output instead.
         self._set_signature_columns_if_needed()
         kept = self.args.remove_unused_columns and keep_columns_after_transform(dataset, self._signature_columns)
-        return kept or super()._remove_unused_columns(dataset, description)
+        dataset = kept or super()._remove_unused_columns(dataset, description)
+        # With the default collator, the dataloaders fetch each batch as columns (data/batches.py)
+        return ColumnBatches(dataset) if isinstance(self.data_collator, ColumnCollator) else dataset
 
     def _eval_splits(self) -> dict[str, datasets.Dataset]:
         if self.eval_dataset is None:
@@ -342,10 +347,11 @@ class CEAGTrainer(Trainer):
 
     def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This batch from every process, in rank order, so all processes hold identical estimates."""
+        if self.accelerator.num_processes == 1:
+            return group_ids, correct, losses
         rows = torch.stack([group_ids.float(), correct.float(), losses.float()], dim=1)
-        if self.accelerator.num_processes > 1:
-            rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
-            rows = rows[rows[:, 0] >= 0]
+        rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
+        rows = rows[rows[:, 0] >= 0]
         return rows[:, 0].long(), rows[:, 1], rows[:, 2]
 
     # ---- logging ----

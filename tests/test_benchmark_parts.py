@@ -256,15 +256,33 @@ def test_profile_markdown_counts_the_method_not_the_benchmarks_own_timer():
 
     stats = dict(
         [
-            entry("/x/hf_ceag/ceag_trainer.py", "_constrained_loss", 0.02),
+            entry("/x/hf_ceag/constraints/step.py", "loss", 0.02),
+            entry("/x/hf_ceag/constraints/replay_buffer.py", "loss", 0.5),  # another file's `loss`: not counted
             entry("/x/cooper/cmp.py", "compute_dual_lagrangian", 0.01),
             entry("/x/hf_ceag/benchmarks/timing.py", "on_step_end", 0.05),
             entry("/x/transformers/trainer.py", "get_batch_samples", 0.04),
         ]
     )
     text = profile_markdown({"ceag": (stats, 10)}, {"ceag": "CEAG"}, "ceag")
-    assert "| … of which constraints and estimates (`_constrained_loss`) | 2.00 |" in text
+    assert "| … of which constraints and estimates (`ConstrainedStep.loss`) | 2.00 |" in text
     assert "| data loading (`get_batch_samples`) | 4.00 |" in text
     ours = text.split("hf_ceag and cooper functions by cumulative time")[1]
-    assert "ceag_trainer.py:1(_constrained_loss)" in ours and "cmp.py:1(compute_dual_lagrangian)" in ours
+    assert "step.py:1(loss)" in ours and "cmp.py:1(compute_dual_lagrangian)" in ours
     assert "on_step_end" not in ours
+
+
+def test_every_part_of_a_step_the_profile_names_is_a_function_of_that_file():
+    # the profile's parts are looked up by file and function name: a rename must not turn a part into 0.00
+    import importlib
+    import inspect
+
+    from hf_ceag.benchmarks.profiling import STEP_PARTS
+
+    files = {"transformers/trainer.py": "transformers.trainer", "accelerate/accelerator.py": "accelerate.accelerator",
+             "accelerate/optimizer.py": "accelerate.optimizer", "hf_ceag/constraints/step.py": "hf_ceag.constraints.step",
+             None: "hf_ceag.ceag_trainer"}  # fmt: skip
+    for _, path, function in STEP_PARTS:
+        module = importlib.import_module(files[path])
+        functions = [f for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__
+                     for name, f in vars(cls).items() if name == function]  # fmt: skip
+        assert functions, (path, function)

@@ -16,7 +16,7 @@ from hf_ceag.benchmarks.timing import train_timed
 STEP_PARTS = (
     ("data loading (`get_batch_samples`)", "transformers/trainer.py", "get_batch_samples"),
     ("forward and loss (`compute_loss`)", None, "compute_loss"),
-    ("… of which constraints and estimates (`_constrained_loss`)", "hf_ceag", "_constrained_loss"),
+    ("… of which constraints and estimates (`ConstrainedStep.loss`)", "hf_ceag/constraints/step.py", "loss"),
     ("backward", "accelerate/accelerator.py", "backward"),
     ("optimizer step, with the mask hooks", "accelerate/optimizer.py", "step"),
 )

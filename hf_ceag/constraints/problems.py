@@ -96,7 +96,10 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
 
     @abc.abstractmethod
     def strict_violations(self) -> torch.Tensor:
-        """Non-differentiable violation of every group's constraint from the current estimates, `[G]`."""
+        """Non-differentiable violation of every group's constraint from the current estimates, `[G]`:
+        `estimated_gaps() - violation_offset`."""
+
+    violation_offset = 0.0  # the bound the estimated gaps are held to (EL: 0)
 
     @abc.abstractmethod
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -187,6 +190,10 @@ class ExcessAccuracyGapProblem(GroupConstrainedProblem):
         return buffer_excess_gaps(
             self.estimate_reference["group_accuracy"], self.group_estimate, self.estimate_weights, self.observed
         )
+
+    @property
+    def violation_offset(self) -> float:
+        return self.tolerance
 
     def strict_violations(self) -> torch.Tensor:
         return self.estimated_gaps() - self.tolerance

@@ -86,25 +86,27 @@ class ConstrainedStep:
             observed = held_out if held_out is not None else (group_ids, correct, per_sample.detach())
             self.problem.observe(*gather(*observed))
         loss = per_sample.sum() * scale / step_group_counts.sum()
+        violations = None
         if active:
             state = self.problem.compute_cmp_state(per_sample, group_ids, step_group_counts, scale, update_duals)
+            violations = state.observed_constraints[self.problem.group_constraint].strict_violation
             if update_duals:
-                self._dual_step(state)
+                self._dual_step(violations)
             loss = state.compute_primal_lagrangian().lagrangian
-        self.metrics.record(per_sample.detach(), correct, group_ids)
+        self.metrics.record(per_sample.detach(), correct, group_ids, violations)
         return loss
 
-    def _dual_step(self, state) -> None:
-        dual = state.compute_dual_lagrangian()
-        if dual.lagrangian is None:
-            return
+    def _dual_step(self, violations: torch.Tensor) -> None:
+        """One ascent step of the multipliers on Cooper's dual Lagrangian λᵀ g (g: the strict violations, 0 for
+        the groups not ready), whose gradient in λ is g: set directly, which saves an autograd pass per step
+        (`tests/test_constraints.py` checks it against Cooper's `compute_dual_lagrangian().backward()`)."""
         problem, optimizer = self.problem, self.dual_optimizer
-        self._multipliers_before_step = problem.multiplier.weight.detach().clone()
+        weight = problem.multiplier.weight
+        self._multipliers_before_step = weight.detach().clone()
         self._dual_state_before_step = [t.clone() for t in dual_state_tensors(optimizer)]
         # with no group ready, λ stays put and the step is not counted
         self._dual_step_moved = problem.ready.any().long()
-        optimizer.zero_grad(set_to_none=True)
-        dual.lagrangian.backward()
+        weight.grad = violations.detach().to(weight.dtype).reshape(weight.shape)
         optimizer.step()
         # A group not ready has violation 0: SGD leaves its λ_g exactly as it was (nothing to do), but nuPI's
         # proportional term would still move it (and decay its error memory); its row of λ and of the state is
@@ -193,7 +195,15 @@ class StepMetrics:
         self.always = torch.tensor([True, False, False, False, False], device=device)
 
     @torch.no_grad()
-    def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
+    def record(
+        self,
+        per_sample_loss: torch.Tensor,
+        correct: torch.Tensor,
+        group_ids: torch.Tensor,
+        violations: torch.Tensor | None = None,
+    ) -> None:
+        """Add one micro-batch. `violations`: the problem's strict violations of this step, if it computed them
+        (the gap estimates are then not computed again)."""
         rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
         self.window.index_add_(1, group_ids.long(), rows)
         ce = per_sample_loss.float().mean()
@@ -203,9 +213,10 @@ class StepMetrics:
             return
         problem = self.problem
         multipliers = problem.multiplier.weight.detach()
+        gaps = problem.estimated_gaps() if violations is None else violations + problem.violation_offset
         values = torch.stack([
             ce,
-            problem.estimated_gaps().masked_fill(~problem.ready, float("-inf")).max(),
+            gaps.masked_fill(~problem.ready, float("-inf")).max(),
             multipliers.mean(),
             multipliers.max(),
             problem.ready.sum().float(),
