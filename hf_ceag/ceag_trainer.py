@@ -41,6 +41,7 @@ from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference
 from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
+from .data.batches import ColumnBatches, ColumnCollator
 from .data.encoding import (
     LABEL_COLUMNS,
     check_trainer_inputs,
@@ -49,7 +50,6 @@ from .data.encoding import (
     split_for_held_out_duals,
     warn_small_groups,
 )
-from .data.batches import ColumnBatches, ColumnCollator
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
@@ -97,7 +97,10 @@ class CEAGTrainer(Trainer):
         )
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
-        if self.data_collator is default_data_collator and config.train_sampling_strategy in ("random", "sequential"):
+        if self.data_collator is default_data_collator and config.train_sampling_strategy in (
+            "random",
+            "sequential",
+        ):
             self.data_collator = ColumnCollator(default_data_collator)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
         # refuses a model without prunable layers, still before any training.

@@ -117,7 +117,9 @@ def test_the_python_api_pins_memory_only_for_an_accelerator(tiny_model, digits, 
     config = make_config(max_steps=2, pruning_end_epoch=0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]})
+        trainer = CEAGTrainer(
+            tiny_model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]}
+        )
         trainer.train()
         trainer.group_report()
     # torch warned once per dataloader on a CPU machine (the dense pass, training, each evaluation)

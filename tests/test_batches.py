@@ -25,7 +25,9 @@ def image_rows(n=6):
 
 
 def to_pixels(batch):  # the common `with_transform` pattern: a list of tensors
-    batch["pixel_values"] = [torch.as_tensor(np.asarray(im), dtype=torch.float32)[None] for im in batch.pop("image")]
+    batch["pixel_values"] = [
+        torch.as_tensor(np.asarray(im), dtype=torch.float32)[None] for im in batch.pop("image")
+    ]
     return batch
 
 
@@ -33,8 +35,12 @@ DATASETS = {
     "torch format: arrays, class labels, ids": lambda digits: digits["train"],
     "with_transform: a list of tensors": lambda digits: image_rows().with_transform(to_pixels),
     "float labels, a string and a None column": lambda digits: datasets.Dataset.from_dict(
-        {"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "label": [0.5, 1.5, 2.5], "name": ["a", "b", "c"],
-         "note": [None, None, None]}  # fmt: skip
+        {
+            "x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
+            "label": [0.5, 1.5, 2.5],
+            "name": ["a", "b", "c"],
+            "note": [None, None, None],
+        }
     ).with_format("torch"),
     "label_ids lists, python format": lambda digits: datasets.Dataset.from_dict(
         {"x": [1, 2, 3], "label_ids": [[0, 1], [1, 0], [1, 1]]}

@@ -86,7 +86,9 @@ def test_pipeline_takes_grey_and_colour_images_and_files(tmp_path, check_pipelin
     levels = (rgb[..., 0] + 2 * rgb[..., 1] + rgb[..., 2]) / 4
     classifier = pipeline("image-classification", model=str(folder), device="cpu")
     seen = classifier([Image.fromarray(c, mode="RGB") for c in colour], top_k=10, function_to_apply="none")
-    seen = torch.tensor([[p["score"] for p in sorted(row, key=lambda p: model.config.label2id[p["label"]])] for row in seen])
+    seen = torch.tensor(
+        [[p["score"] for p in sorted(row, key=lambda p: model.config.label2id[p["label"]])] for row in seen]
+    )
     with torch.no_grad():
         expected = model(pixel_values=pixel_values(levels)).logits
     assert (expected - expected.mean(0)).abs().max() > 0.1  # the images give different logits

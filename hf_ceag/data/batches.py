@@ -59,7 +59,9 @@ def collate_columns(columns: dict[str, Any]) -> dict[str, Any]:
         values, first = columns[label], _first(columns[label])
         first = first.item() if isinstance(first, torch.Tensor) else first
         dtype = torch.long if isinstance(first, (int, np.integer)) else torch.float
-        batch["labels"] = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        batch["labels"] = (
+            values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        )
     elif label == "label_ids":
         values, first = columns[label], _first(columns[label])
         if isinstance(values, torch.Tensor):

@@ -49,7 +49,9 @@ def grayscale_stem(model: nn.Module) -> str | None:
     None when the model takes more channels, or when that layer is not unique (it is then saved as it is)."""
     if input_channels(getattr(model, "config", None)) != 1:
         return None
-    stems = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1 and m.groups == 1]
+    stems = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 1 and m.groups == 1
+    ]
     return stems[0] if len(stems) == 1 else None
 
 
