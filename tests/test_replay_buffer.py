@@ -15,7 +15,7 @@ def naive_means(history, num_groups, capacity):
     return torch.tensor(means), torch.tensor(full), [list(b) for b in buffers]
 
 
-@pytest.mark.parametrize("capacity", [1, 3, 7])
+@pytest.mark.parametrize("capacity", [1, 3, 7, 20])  # 20: every batch fits (no drop step)
 def test_matches_naive_deque_over_random_batches(capacity):
     gen = torch.Generator().manual_seed(capacity)
     num_groups = 5

@@ -46,10 +46,13 @@ class ReplayBuffer:
         per_group = group_counts(sorted_ids, self.num_groups)
         first = torch.cumsum(per_group, 0) - per_group
         rank = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first[sorted_ids]
-        # Values older than the last `capacity` of a group would be overwritten in this same call: send them to
-        # the spare column, so that no two kept writes hit the same slot.
-        keep = rank >= per_group[sorted_ids] - self.capacity
-        slot = torch.where(keep, (self.position[sorted_ids] + rank) % self.capacity, self.capacity)
+        slot = (self.position[sorted_ids] + rank) % self.capacity
+        if sorted_ids.numel() > self.capacity:
+            # Values older than the last `capacity` of a group would be overwritten in this same call: send them
+            # to the spare column, so that no two kept writes hit the same slot. (A call of at most `capacity`
+            # values keeps them all: known from the shape, without reading the device.)
+            keep = rank >= per_group[sorted_ids] - self.capacity
+            slot = torch.where(keep, slot, self.capacity)
         self._slots[sorted_ids, slot] = values[order]
         self.position = (self.position + per_group) % self.capacity
         self.count = torch.clamp(self.count + per_group, max=self.capacity)
