@@ -166,3 +166,50 @@ def test_undo_of_a_skipped_step_restores_multipliers_and_nupi_state():
     step.undo_if_skipped(True)
     assert torch.equal(problem.multipliers_tensor(), before[0]) and torch.equal(xi, before[1])
     assert problem.dual_step_count == before[2]
+
+
+@pytest.mark.parametrize("problem_kind", ["ceag", "el"])
+@pytest.mark.parametrize("dual_optimizer", ["sgd", "nupi"])
+def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dual_optimizer):
+    """`ConstrainedStep` sets ∂(λᵀg)/∂λ = g by hand; Cooper's dual Lagrangian, differentiated by autograd and
+    stepped by a copy of the same optimizer, gives the same multipliers (and nuPI state), step after step."""
+
+    def make():
+        if problem_kind == "ceag":
+            problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
+        else:
+            problem = EqualizedLossProblem(reference(), buffer_size=2)
+        optimizer = build_dual_optimizer(dual_optimizer, problem.dual_parameters(), 0.5, kp=2.0, ki=0.7)
+        return problem, optimizer
+
+    problem, optimizer = make()
+    step = ConstrainedStep(problem, optimizer)
+    twin, twin_optimizer = make()  # stepped through Cooper's dual Lagrangian
+    generator = torch.Generator().manual_seed(1)
+    moved = 0
+    for t in range(8):
+        ids = torch.tensor([0, 0, 1, 1, 2] if t >= 3 else [0, 0, 1, 1])
+        correct = (torch.rand(len(ids), generator=generator) < 0.6).float()
+        losses = torch.rand(len(ids), generator=generator)
+        counts = torch.bincount(ids, minlength=3)
+        step.loss(losses.clone().requires_grad_(), correct, ids, counts, 1, True, True, lambda *b: b)
+
+        twin.observe(ids, correct, losses)
+        state = twin.compute_cmp_state(losses.clone().requires_grad_(), ids, counts)
+        before = twin.multiplier.weight.detach().clone()
+        xi_before = [v.clone() for v in twin_optimizer.state[twin.multiplier.weight].values()]
+        twin_optimizer.zero_grad(set_to_none=True)
+        state.compute_dual_lagrangian().lagrangian.backward()
+        expected_grad = state.observed_constraints[twin.group_constraint].strict_violation
+        assert torch.equal(twin.multiplier.weight.grad, expected_grad)  # what the step sets by hand
+        twin_optimizer.step()
+        if xi_before:  # nuPI: rows of groups not ready put back, as the step does
+            with torch.no_grad():
+                weight = twin.multiplier.weight
+                weight.copy_(torch.where(twin.ready, weight, before))
+                for now, saved in zip(twin_optimizer.state[weight].values(), xi_before):
+                    now.copy_(torch.where(twin.ready, now, saved))
+        twin.multiplier.post_step_()
+        assert torch.equal(problem.multipliers_tensor(), twin.multipliers_tensor()), t
+        moved += int(not torch.equal(before, twin.multiplier.weight.detach()))
+    assert moved >= 4 and problem.multipliers_tensor().abs().sum() > 0
