@@ -111,3 +111,20 @@ def test_the_trainer_narrows_a_published_grayscale_model_given_grayscale_data(tm
     assert trainer.model.config.model_args["in_chans"] == 1
     trained = model.state_dict()
     assert all(torch.equal(trained[k], v.cpu()) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_published_model_trained_further_on_colour_stays_an_rgb_model(tmp_path):
+    _, folder = saved(tmp_path, "resnet")
+    colour = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
+    stem = colour.get_submodule(json.loads((folder / "config.json").read_text())[RGB_INPUT_KEY]["module"])
+    with torch.no_grad():
+        stem.weight[:, 0] += 0.01  # red learned something of its own
+    colour.save_pretrained(tmp_path / "colour")  # the marker stays in its config
+    loaded = load_classifier(str(tmp_path / "colour"))
+    assert loaded.config.num_channels == 3 and torch.equal(
+        loaded.get_submodule(stem_name(loaded)).weight, stem.weight
+    )
+
+
+def stem_name(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))

@@ -110,15 +110,19 @@ def save_grayscale_as_rgb(folder: str, model: nn.Module) -> bool:
 
 def narrow_to_grayscale(model: nn.Module) -> nn.Module:
     """The 1-channel model a folder written by `save_grayscale_as_rgb` was trained as (in place, bit for bit: the
-    green weights doubled); any other model is returned unchanged."""
+    green weights doubled); any other model, or one trained further as an RGB model, is returned unchanged."""
     config = getattr(model, "config", None)
     record = getattr(config, RGB_INPUT_KEY, None)
     if not isinstance(record, dict):
         return model
     stem = model.get_submodule(record["module"])
-    green = float(record["grey_weights"][1])
+    factors = [float(f) for f in record["grey_weights"]]
     with torch.no_grad():
-        grey = (stem.weight[:, 1:2] / green).contiguous()
+        grey = (stem.weight[:, 1:2] / factors[1]).contiguous()
+        widened = torch.cat([grey * f for f in factors], dim=1)
+    if widened.shape != stem.weight.shape or not torch.equal(widened, stem.weight):
+        # trained further as an RGB model (its channels no longer the grey weights' multiples): keep it so
+        return model
     stem.weight = nn.Parameter(grey, requires_grad=stem.weight.requires_grad)
     stem.in_channels = 1
     # transformers' embeddings check the channels of their input (`num_channels`): the stem's ancestors
