@@ -24,15 +24,15 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_ceag import DataArguments, load_data, reproduce_command  # noqa: E402
+from run_ceag import DataArguments, load_data, reproduce_command
 
-from hf_ceag import GroupIndex, format_report, prunable_parameters  # noqa: E402
-from hf_ceag.ceag_config import has_accelerator  # noqa: E402
-from hf_ceag.data.groups import GROUP_ID_COLUMN  # noqa: E402
-from hf_ceag.audit.model_card import build_model_card, model_card_details, write_model_folder_extras  # noqa: E402
-from hf_ceag.models.classifiers import load_classifier  # noqa: E402
-from hf_ceag.pruning.magnitude import measured_sparsity, sparsity_definition  # noqa: E402
-from hf_ceag.audit.report import build_report, save_report, split_report  # noqa: E402
+from hf_ceag import GroupIndex, format_report, prunable_parameters
+from hf_ceag.audit.model_card import build_model_card, model_card_details, write_model_folder_extras
+from hf_ceag.audit.report import build_report, save_report, split_report
+from hf_ceag.ceag_config import has_accelerator
+from hf_ceag.data.groups import GROUP_ID_COLUMN
+from hf_ceag.models.classifiers import load_classifier
+from hf_ceag.pruning.magnitude import measured_sparsity, sparsity_definition
 
 
 @dataclass

@@ -28,24 +28,24 @@ def make_config(tmp_path):
     from hf_ceag import CEAGConfig
 
     def make(**overrides):
-        values = dict(
-            output_dir=str(tmp_path / "out"),
-            max_steps=12,
-            per_device_train_batch_size=32,
-            per_device_eval_batch_size=256,
-            learning_rate=0.01,
-            optim="sgd",
-            optim_args="momentum=0.9",
-            pruning_end_epoch=0.2,
-            pruning_frequency=2,
-            target_sparsity=0.8,
-            buffer_size=4,
-            logging_steps=4,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
-        )
+        values = {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 12,
+            "per_device_train_batch_size": 32,
+            "per_device_eval_batch_size": 256,
+            "learning_rate": 0.01,
+            "optim": "sgd",
+            "optim_args": "momentum=0.9",
+            "pruning_end_epoch": 0.2,
+            "pruning_frequency": 2,
+            "target_sparsity": 0.8,
+            "buffer_size": 4,
+            "logging_steps": 4,
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+            "seed": 0,
+        }
         values.update(overrides)
         return CEAGConfig(**values)
 

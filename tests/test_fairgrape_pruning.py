@@ -1,5 +1,6 @@
 """FairGRAPE as a pruning method of CEAGTrainer and run_ceag.py (the algorithm is tested in test_fairgrape.py)."""
 
+import itertools
 import json
 
 import pytest
@@ -35,7 +36,7 @@ def test_trainer_prunes_in_nested_fairgrape_rounds(tiny_model, digits, make_conf
     monkeypatch.setattr(trainer.pruner, "load_state_dict", record)
     trainer.train()
     assert len(seen) == 3
-    for earlier, later in zip(seen, seen[1:]):
+    for earlier, later in itertools.pairwise(seen):
         assert all(not (later[k] & ~earlier[k]).any() for k in earlier)  # nested
     for name, p in trainer.pruner.parameters.items():
         assert int((p == 0).sum()) == p.numel() - (p.numel() - round(0.875 * p.numel())), name

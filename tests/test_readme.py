@@ -43,7 +43,7 @@ def test_python_example_runs(tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own snippets)
     finally:
         os.chdir(cwd)
     assert (tmp_path / "out" / "sparse" / "model.safetensors").exists()
@@ -68,7 +68,7 @@ def test_audit_command_parses_and_the_metric_example_runs():
     )
     assert parsed.sparse_model.endswith("ceag") and data.dataset_name is None  # run by test_end_to_end.py
     namespace = {}
-    exec(compile(code_blocks("python")[1], "README.md", "exec"), namespace)
+    exec(compile(code_blocks("python")[1], "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["result"]["max_excess_gap"] == 0.25
 
 

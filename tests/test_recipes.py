@@ -444,7 +444,9 @@ def test_configs_readme_commands_parse():
     from scripts import run_ceag
 
     text = (CONFIG_DIR / "README.md").read_text()
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    lines = [
+        line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL) for line in block.splitlines()
+    ]
     commands = [shlex.split(line) for line in lines if "scripts/run_ceag.py" in line]
     assert len(commands) == 20
     for words in commands:
