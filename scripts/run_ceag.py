@@ -459,7 +459,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
         gaps = {name: r["splits"]["train"]["max_excess_gap"] for name, r in reports.items()}
         print(f"Train max excess accuracy gap per method (JSON): {json.dumps(gaps)}")
-    end_processes()
     return reports
 
 
@@ -473,3 +472,4 @@ def end_processes() -> None:
 
 if __name__ == "__main__":
     main()
+    end_processes()

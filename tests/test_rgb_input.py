@@ -54,7 +54,8 @@ def test_a_grayscale_model_is_saved_for_rgb_and_loads_back_bit_for_bit(tmp_path,
     # hf-ceag: the trained 1-channel model, every tensor equal
     back = load_classifier(str(folder)).eval()
     assert not hasattr(back.config, RGB_INPUT_KEY)
-    assert getattr(back.config, "num_channels", None) or back.config.model_args["in_chans"] == 1
+    assert (getattr(back.config, "num_channels", None) or back.config.model_args["in_chans"]) == 1
+    assert back.get_submodule(stem).in_channels == 1
     trained, loaded = model.state_dict(), back.state_dict()
     assert trained.keys() == loaded.keys()
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)
@@ -107,7 +108,9 @@ def test_the_trainer_narrows_a_published_grayscale_model_given_grayscale_data(tm
     model, folder = saved(tmp_path, "test_resnet")
     published = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
     assert published.config.model_args["in_chans"] == 3
+    parameters = list(published.parameters())  # what an optimizer built before the trainer holds
     trainer = CEAGTrainer(published, make_config(max_steps=1), train_dataset=digits["train"])
+    assert [id(p) for p in trainer.model.parameters()] == [id(p) for p in parameters]
     assert trainer.model.config.model_args["in_chans"] == 1
     trained = model.state_dict()
     assert all(torch.equal(trained[k], v.cpu()) for k, v in trainer.model.state_dict().items())
@@ -124,6 +127,9 @@ def test_a_published_model_trained_further_on_colour_stays_an_rgb_model(tmp_path
     assert loaded.config.num_channels == 3 and torch.equal(
         loaded.get_submodule(stem_name(loaded)).weight, stem.weight
     )
+    # and one published from grayscale, to take colour images now, when asked
+    as_rgb = load_classifier(str(folder), grayscale=False)
+    assert as_rgb.config.num_channels == 3 and as_rgb.get_submodule(stem_name(as_rgb)).in_channels == 3
 
 
 def stem_name(model):

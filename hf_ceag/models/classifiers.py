@@ -41,7 +41,9 @@ def build_classifier(
     id2label = id2label or {i: str(i) for i in range(num_labels)}
     label2id = {v: k for k, v in id2label.items()}
     if os.path.isdir(name_or_path) or "/" in name_or_path:
-        return load_classifier(name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id)
+        return load_classifier(
+            name_or_path, grayscale=channels == 1, num_labels=num_labels, id2label=id2label, label2id=label2id
+        )
     if name_or_path in timm.list_models():
         return _timm_classifier(name_or_path, num_labels, id2label, label2id, channels, image_size)
     try:
@@ -61,15 +63,17 @@ def build_classifier(
     return AutoModelForImageClassification.from_config(config)
 
 
-def load_classifier(name_or_path: str, **kwargs: Any):
+def load_classifier(name_or_path: str, grayscale: bool = True, **kwargs: Any):
     """`AutoModelForImageClassification.from_pretrained` (safetensors only, no remote code; `kwargs` passed on,
-    `output_loading_info` included), with a grayscale model that hf-ceag published as an RGB one
-    (`save_grayscale_as_rgb`) back as the 1-channel model it trained."""
+    `output_loading_info` included). A grayscale model that hf-ceag published as an RGB one
+    (`save_grayscale_as_rgb`) comes back as the 1-channel model it trained, unless `grayscale=False` (it is to
+    take colour images)."""
     register_timm_models()  # a saved cifar_resnet56 needs it to load
     loaded = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
-    if isinstance(loaded, tuple):
-        return (narrow_to_grayscale(loaded[0]), *loaded[1:])
-    return narrow_to_grayscale(loaded)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    if grayscale:
+        narrow_to_grayscale(model)
+    return loaded
 
 
 def save_loadable(folder: str, model: nn.Module) -> None:

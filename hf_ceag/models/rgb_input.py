@@ -110,12 +110,16 @@ def save_grayscale_as_rgb(folder: str, model: nn.Module) -> bool:
 
 def narrow_to_grayscale(model: nn.Module) -> nn.Module:
     """The 1-channel model a folder written by `save_grayscale_as_rgb` was trained as (in place, bit for bit: the
-    green weights doubled); any other model, or one trained further as an RGB model, is returned unchanged."""
+    green weights doubled); any other model, or one trained further as an RGB model, is returned unchanged.
+    (In float16, a weight below 2⁻¹³ halved loses a bit: such a model stays as saved.)"""
     config = getattr(model, "config", None)
     record = getattr(config, RGB_INPUT_KEY, None)
     if not isinstance(record, dict):
         return model
-    stem = model.get_submodule(record["module"])
+    try:
+        stem = model.get_submodule(record["module"])
+    except AttributeError:  # another architecture than the one the record names
+        return model
     factors = [float(f) for f in record["grey_weights"]]
     with torch.no_grad():
         grey = (stem.weight[:, 1:2] / factors[1]).contiguous()
@@ -123,7 +127,7 @@ def narrow_to_grayscale(model: nn.Module) -> nn.Module:
     if widened.shape != stem.weight.shape or not torch.equal(widened, stem.weight):
         # trained further as an RGB model (its channels no longer the grey weights' multiples): keep it so
         return model
-    stem.weight = nn.Parameter(grey, requires_grad=stem.weight.requires_grad)
+    stem.weight.data = grey  # the same Parameter: an optimizer built on the model still holds it
     stem.in_channels = 1
     # transformers' embeddings check the channels of their input (`num_channels`): the stem's ancestors
     path = record["module"].split(".")
