@@ -47,6 +47,15 @@ def test_quick_benchmark_writes_every_part_and_ends_with_the_headline(tmp_path, 
     for fact in ("CPU ", "cores ", "RAM ", "GPU ", "torch ", "transformers ", "cooper-optim "):
         assert fact in text.split("## 1.")[0]
     assert printed[-1] in text.split("## Headline")[1]
+    # the headline states the targets every part judges by (it once said NFT/plain ≤ 1.02 while part 2 used 1.03)
+    from hf_ceag.benchmarks.settings import TARGETS
+
+    headline = text.split("## Headline")[1]
+    assert (
+        f"NFT/plain ≤ {TARGETS['nft_over_plain']}," in headline
+        and f"CEAG/NFT ≤ {TARGETS['ceag_over_nft']}," in headline
+    )
+    assert f"(target ≤ {TARGETS['nft_over_plain']:.2f}" in text.split("## 2.")[1].split("## 3.")[0]
 
     # part 0: the README's command in a fresh process, its claims counted per thread count
     (summary,) = [r for r in text.split("## 1.")[0].splitlines() if r.startswith("| 1 | 1 |")]
