@@ -39,10 +39,10 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "dense_epochs": recipe.default("dense_epochs"),
         "overhead_steps": 60,
         "warmup_steps": 10,
-        "repeats": 5,
+        "repeats": 9,  # this 2-core VM moves whole runs by ±10 %: more interleaved rounds for the median
         "groups": [10, 100, 1000, 10000],
         "scaling_steps": 60,
-        "scaling_repeats": 3,
+        "scaling_repeats": 5,
         "fairgrape_groups": [10, 100],
         "calibration_batches": 8,
         "default_seeds": [0, 1, 2, 3, 4],
