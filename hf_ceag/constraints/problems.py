@@ -94,12 +94,12 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
             self.observed = self.ready = counts > 0
             self.estimate_weights = counts.float()
 
-    @abc.abstractmethod
-    def strict_violations(self) -> torch.Tensor:
-        """Non-differentiable violation of every group's constraint from the current estimates, `[G]`:
-        `estimated_gaps() - violation_offset`."""
-
     violation_offset = 0.0  # the bound the estimated gaps are held to (EL: 0)
+
+    def strict_violations(self, gaps: torch.Tensor | None = None) -> torch.Tensor:
+        """Non-differentiable violation of every group's constraint from the current estimates, `[G]`: the
+        estimated gaps (`gaps`, if already computed) minus `violation_offset`."""
+        return (self.estimated_gaps() if gaps is None else gaps) - self.violation_offset
 
     @abc.abstractmethod
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -136,12 +136,16 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         # Absent groups have no surrogate, groups not ready no estimate: their violations are 0, so λ_g · 0
         # adds nothing to the primal step and the dual step leaves λ_g where it is (plain SGD ascent).
         present = step_group_counts > 0
+        gaps = self.estimated_gaps()
         state = ConstraintState(
             violation=torch.where(present, self.surrogate_violations(group_loss, loss), 0.0),
-            strict_violation=torch.where(self.ready, self.strict_violations(), 0.0),
+            strict_violation=torch.where(self.ready, self.strict_violations(gaps), 0.0),
             contributes_to_dual_update=update_duals,
         )
-        return CMPState(loss=loss, observed_constraints={self.group_constraint: state})
+        # the estimated gaps the strict violations came from, for the logs (`misc["estimated_gaps"]`)
+        return CMPState(
+            loss=loss, observed_constraints={self.group_constraint: state}, misc={"estimated_gaps": gaps}
+        )
 
     @property
     def dual_steps(self) -> int:
@@ -195,9 +199,6 @@ class ExcessAccuracyGapProblem(GroupConstrainedProblem):
     def violation_offset(self) -> float:
         return self.tolerance
 
-    def strict_violations(self) -> torch.Tensor:
-        return self.estimated_gaps() - self.tolerance
-
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         if not self.overall_gradient:
             loss = loss.detach()
@@ -214,9 +215,6 @@ class EqualizedLossProblem(GroupConstrainedProblem):
         """Estimated L_g − L per group (0 for groups not yet observed)."""
         overall = weighted_mean(self.group_estimate, self.estimate_weights, self.observed)
         return torch.where(self.observed, self.group_estimate - overall, torch.zeros_like(self.group_estimate))
-
-    def strict_violations(self) -> torch.Tensor:
-        return self.estimated_gaps()
 
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         return group_loss - loss

@@ -86,14 +86,14 @@ class ConstrainedStep:
             observed = held_out if held_out is not None else (group_ids, correct, per_sample.detach())
             self.problem.observe(*gather(*observed))
         loss = per_sample.sum() * scale / step_group_counts.sum()
-        violations = None
+        gaps = None
         if active:
             state = self.problem.compute_cmp_state(per_sample, group_ids, step_group_counts, scale, update_duals)
-            violations = state.observed_constraints[self.problem.group_constraint].strict_violation
+            gaps = state.misc["estimated_gaps"]
             if update_duals:
-                self._dual_step(violations)
+                self._dual_step(state.observed_constraints[self.problem.group_constraint].strict_violation)
             loss = state.compute_primal_lagrangian().lagrangian
-        self.metrics.record(per_sample.detach(), correct, group_ids, violations)
+        self.metrics.record(per_sample.detach(), correct, group_ids, gaps)
         return loss
 
     def _dual_step(self, violations: torch.Tensor) -> None:
@@ -200,10 +200,9 @@ class StepMetrics:
         per_sample_loss: torch.Tensor,
         correct: torch.Tensor,
         group_ids: torch.Tensor,
-        violations: torch.Tensor | None = None,
+        gaps: torch.Tensor | None = None,
     ) -> None:
-        """Add one micro-batch. `violations`: the problem's strict violations of this step, if it computed them
-        (the gap estimates are then not computed again)."""
+        """Add one micro-batch. `gaps`: the estimated gaps of this step, if the problem computed them already."""
         rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
         self.window.index_add_(1, group_ids.long(), rows)
         ce = per_sample_loss.float().mean()
@@ -213,7 +212,7 @@ class StepMetrics:
             return
         problem = self.problem
         multipliers = problem.multiplier.weight.detach()
-        gaps = problem.estimated_gaps() if violations is None else violations + problem.violation_offset
+        gaps = problem.estimated_gaps() if gaps is None else gaps
         values = torch.stack([
             ce,
             gaps.masked_fill(~problem.ready, float("-inf")).max(),
