@@ -25,7 +25,7 @@ from ..models.classifiers import classifier_logits
 class HeldOutRows:
     """The held-out rows of a run and how to predict a batch of them.
 
-    `collate` turns a list of rows into a batch (the Trainer's data collator), `prepare` moves it to the device
+    `collate` turns the fetched rows into a batch (the Trainer's data collator), `prepare` moves it to the device
     (the Trainer's `_prepare_inputs`); `not_inputs` are the batch keys the model must not see."""
 
     def __init__(
@@ -51,7 +51,9 @@ class HeldOutRows:
     def predict(self, model: nn.Module, draw: int, process: int = 0) -> tuple[torch.Tensor, ...]:
         """Group ids, correctness and per-sample cross-entropy of the model's eval-mode predictions on draw
         `draw` (the model's training flag is restored)."""
-        batch = self.prepare(self.collate([self.dataset[i] for i in self.rows(draw, process).tolist()]))
+        rows = self.rows(draw, process).tolist()
+        fetch = getattr(self.dataset, "__getitems__", None)  # one call for the whole draw (data/batches.py)
+        batch = self.prepare(self.collate(fetch(rows) if fetch else [self.dataset[i] for i in rows]))
         labels = next(batch[k] for k in LABEL_COLUMNS if k in batch)
         modes = {module: module.training for module in model.modules()}
         model.eval()
