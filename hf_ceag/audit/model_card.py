@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..models.rgb_input import RGB_INPUT_KEY, input_channels
 from .report import INCONCLUSIVE, plot_excess_gaps, report_markdown
 
 TEMPLATE_NAME = "ceag_model_card.md"
@@ -91,12 +92,9 @@ def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[
     """What the card says about a model saved into `folder`: its `task`, whether it takes `grayscale` images, the
     saved names of its `pruned` layers (`layer_names`), and the dense parent's `license` when its card has one."""
     config = getattr(model, "config", None)
-    channels = getattr(config, "num_channels", None) or (getattr(config, "model_args", None) or {}).get(
-        "in_chans", 3
-    )
     return {
         "task": model_task(model),
-        "grayscale": channels == 1,
+        "grayscale": input_channels(config) == 1,
         "rgb_input": _saved_as_rgb(folder),
         "with_processor": any(
             os.path.isfile(os.path.join(folder, name))
@@ -109,8 +107,6 @@ def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[
 
 def _saved_as_rgb(folder: str) -> bool:
     # a grayscale model whose saved folder takes RGB images (models/rgb_input.py)
-    from ..models.rgb_input import RGB_INPUT_KEY
-
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         return False

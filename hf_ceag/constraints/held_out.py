@@ -51,9 +51,8 @@ class HeldOutRows:
     def predict(self, model: nn.Module, draw: int, process: int = 0) -> tuple[torch.Tensor, ...]:
         """Group ids, correctness and per-sample cross-entropy of the model's eval-mode predictions on draw
         `draw` (the model's training flag is restored)."""
-        rows = self.rows(draw, process).tolist()
-        fetch = getattr(self.dataset, "__getitems__", None)  # one call for the whole draw (data/batches.py)
-        batch = self.prepare(self.collate(fetch(rows) if fetch else [self.dataset[i] for i in rows]))
+        # the whole draw in one call: rows from a `datasets.Dataset`, columns from `ColumnBatches` (data/batches.py)
+        batch = self.prepare(self.collate(self.dataset.__getitems__(self.rows(draw, process).tolist())))
         labels = next(batch[k] for k in LABEL_COLUMNS if k in batch)
         modes = {module: module.training for module in model.modules()}
         model.eval()
