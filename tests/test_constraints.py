@@ -88,6 +88,44 @@ def test_primal_step_never_raises_a_groups_loss_with_the_default_proxy(overall_g
             assert (losses.grad > 0).all()
 
 
+@pytest.mark.parametrize("kind", ["ceag", "ceag_paper_proxy", "el"])
+def test_the_primal_lagrangian_equals_coopers_in_value_and_gradient(kind):
+    """`primal_lagrangian` (one weighted sum of the per-sample losses) against Cooper's
+    `compute_cmp_state(...).compute_primal_lagrangian()`: a micro-batch slice of a larger step (`step_group_counts`,
+    `scale` 2), one group absent from the step, one present in the step but not in this slice, λ of both signs
+    for EL."""
+    num_groups = 5
+    ref = DenseReference(
+        group_names=[f"g{i}" for i in range(num_groups)],
+        group_counts=[40, 30, 20, 10, 5],
+        group_accuracy=[0.9, 0.8, 0.85, 0.7, 0.95],
+        group_loss=[0.3, 0.5, 0.2, 0.9, 0.4],
+    )
+    if kind == "el":
+        problem = EqualizedLossProblem(ref, buffer_size=0)
+    else:
+        problem = ExcessAccuracyGapProblem(ref, buffer_size=0, tolerance=0.01, overall_gradient=kind != "ceag")
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(5):
+        multipliers = torch.rand(num_groups, generator=generator) * 2
+        if kind == "el":
+            multipliers -= 1
+        with torch.no_grad():
+            problem.multiplier.weight.copy_(multipliers)
+        ids = torch.tensor([0, 0, 1, 2, 2, 2, 0, 1])[torch.randperm(8, generator=generator)]
+        step_counts = torch.bincount(ids, minlength=num_groups) * 2 + torch.tensor([0, 1, 0, 3, 0])  # g3: another slice
+        losses = torch.rand(8, generator=generator) * 3
+        ours, theirs = losses.clone().requires_grad_(), losses.clone().requires_grad_()
+        value = problem.primal_lagrangian(ours, ids, step_counts, scale=2)
+        state = problem.compute_cmp_state(theirs, ids, step_counts, scale=2, update_duals=False)
+        expected = state.compute_primal_lagrangian().lagrangian
+        value.backward()
+        expected.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(ours.grad, ours.grad[0].expand(8))  # the multipliers do weight the samples
+
+
 def test_equalized_loss_multipliers_take_either_sign():
     problem = EqualizedLossProblem(reference(2), buffer_size=0)
     ids = torch.tensor([0, 0, 1, 1])

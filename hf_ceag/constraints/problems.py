@@ -41,6 +41,8 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
 
     constraint_type: ConstraintType
     observed_quantity: str  # "correct" or "loss": what the buffers hold
+    # Does the primal step differentiate the overall loss L inside the surrogates (L_g − L_g^ref) − (L − L^ref)?
+    overall_gradient: bool = True
 
     def __init__(
         self,
@@ -61,6 +63,8 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         self.reference = {k: v.to(device) for k, v in reference.tensors().items()}
         self.estimate_reference = {k: v.to(device) for k, v in (estimate_reference or reference).tensors().items()}
         self.dense_loss = torch.tensor(reference.loss, dtype=torch.float32, device=device)
+        # the surrogates' reference losses L_g^ref and L^ref (CEAG: the dense model's; EL: none)
+        self.surrogate_group_reference, self.surrogate_reference = self.reference["group_loss"], self.dense_loss
         self.multiplier = DenseMultiplier(num_constraints=self.num_groups, device=device)
         self.group_constraint = Constraint(
             self.constraint_type, formulation_type=Lagrangian, multiplier=self.multiplier
@@ -101,9 +105,12 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         estimated gaps (`gaps`, if already computed) minus `violation_offset`."""
         return (self.estimated_gaps() if gaps is None else gaps) - self.violation_offset
 
-    @abc.abstractmethod
     def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Differentiable violation of every group's constraint from mini-batch losses, `[G]`."""
+        """Differentiable violation of every group's constraint from mini-batch losses, `[G]`:
+        (L_g − L_g^ref) − (L − L^ref), with L held constant unless `overall_gradient`."""
+        if not self.overall_gradient:
+            loss = loss.detach()
+        return (group_loss - self.surrogate_group_reference) - (loss - self.surrogate_reference)
 
     @abc.abstractmethod
     def estimated_gaps(self) -> torch.Tensor:
@@ -146,6 +153,34 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         return CMPState(
             loss=loss, observed_constraints={self.group_constraint: state}, misc={"estimated_gaps": gaps}
         )
+
+    def primal_lagrangian(
+        self,
+        per_sample_loss: torch.Tensor,
+        group_ids: torch.Tensor,
+        step_group_counts: torch.Tensor | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Cooper's `compute_cmp_state(...).compute_primal_lagrangian().lagrangian` with the current λ — the same
+        value and gradient — written as one weighted sum of the per-sample losses (arguments as there).
+
+        L + Σ_g λ_g ψ̃_g, with ψ̃_g = (L_g − L_g^ref) − (L − L^ref) for the groups present in the step's batch,
+        L = s Σ_i ℓ_i / N and L_g = s Σ_(i∈g) ℓ_i / n_g, is Σ_i w_i ℓ_i + c with the detached weights
+        w_i = s (a / N + λ_(g_i) / n_(g_i)), a = 1 (L held constant in ψ̃_g) or 1 − Σ_g λ_g (`overall_gradient`),
+        and c = Σ_g λ_g (L^ref − L_g^ref) − (Σ_g λ_g L if L is held constant): backward then runs through one
+        product, not through every group's surrogate (`tests/test_constraints.py` checks it against Cooper)."""
+        group_ids = group_ids.long()
+        if step_group_counts is None:
+            step_group_counts = group_counts(group_ids, self.num_groups)
+        total = step_group_counts.sum().clamp(min=1)
+        multipliers = self.multiplier.weight.detach().reshape(-1) * (step_group_counts > 0)  # absent groups: 0
+        multipliers_sum = multipliers.sum()
+        overall = 1.0 - multipliers_sum if self.overall_gradient else 1.0
+        weights = (overall / total + (multipliers / step_group_counts.clamp(min=1))[group_ids]) * scale
+        constant = multipliers_sum * self.surrogate_reference - multipliers @ self.surrogate_group_reference
+        if not self.overall_gradient:
+            constant = constant - multipliers_sum * (per_sample_loss.detach().sum() * scale / total)
+        return (per_sample_loss * weights).sum() + constant
 
     @property
     def dual_steps(self) -> int:
@@ -199,11 +234,6 @@ class ExcessAccuracyGapProblem(GroupConstrainedProblem):
     def violation_offset(self) -> float:
         return self.tolerance
 
-    def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        if not self.overall_gradient:
-            loss = loss.detach()
-        return (group_loss - self.reference["group_loss"]) - (loss - self.dense_loss)
-
 
 class EqualizedLossProblem(GroupConstrainedProblem):
     """EL / EL+RB: L_g − L = 0 for every group (equality, λ_g of either sign)."""
@@ -211,10 +241,13 @@ class EqualizedLossProblem(GroupConstrainedProblem):
     constraint_type = ConstraintType.EQUALITY
     observed_quantity = "loss"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # L_g − L: no reference losses
+        self.surrogate_group_reference = torch.zeros_like(self.surrogate_group_reference)
+        self.surrogate_reference = torch.zeros_like(self.surrogate_reference)
+
     def estimated_gaps(self) -> torch.Tensor:
         """Estimated L_g − L per group (0 for groups not yet observed)."""
         overall = weighted_mean(self.group_estimate, self.estimate_weights, self.observed)
         return torch.where(self.observed, self.group_estimate - overall, torch.zeros_like(self.group_estimate))
-
-    def surrogate_violations(self, group_loss: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        return group_loss - loss

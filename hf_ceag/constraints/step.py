@@ -85,16 +85,17 @@ class ConstrainedStep:
         if self.dual_optimizer is not None:  # NFT needs no estimates: its logs come from `StepMetrics`
             observed = held_out if held_out is not None else (group_ids, correct, per_sample.detach())
             self.problem.observe(*gather(*observed))
-        loss = per_sample.sum() * scale / step_group_counts.sum()
-        gaps = None
-        if active:
-            state = self.problem.compute_cmp_state(per_sample, group_ids, step_group_counts, scale, update_duals)
-            gaps = state.misc["estimated_gaps"]
-            if update_duals:
-                self._dual_step(state.observed_constraints[self.problem.group_constraint].strict_violation)
-            loss = state.compute_primal_lagrangian().lagrangian
+        if not active:
+            self.metrics.record(per_sample.detach(), correct, group_ids)
+            return per_sample.sum() * scale / step_group_counts.sum()
+        # What Cooper's `compute_cmp_state` gives the dual and primal steps (strict violations, primal
+        # Lagrangian), computed directly: `tests/test_constraints.py` checks both against Cooper's.
+        problem = self.problem
+        gaps = problem.estimated_gaps()
+        if update_duals:  # groups not ready: violation 0, their λ_g stays put
+            self._dual_step(torch.where(problem.ready, problem.strict_violations(gaps), 0.0))
         self.metrics.record(per_sample.detach(), correct, group_ids, gaps)
-        return loss
+        return problem.primal_lagrangian(per_sample, group_ids, step_group_counts, scale)
 
     def _dual_step(self, violations: torch.Tensor) -> None:
         """One ascent step of the multipliers on Cooper's dual Lagrangian λᵀ g (g: the strict violations, 0 for
