@@ -66,6 +66,8 @@ def test_saved_sparse_model_loads_without_hf_ceag(tmp_path, tiny_model, digits, 
     config = make_config(mitigation="none")
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     trainer.train()
+    # NFT: no dual step, so no replay buffers to fill (config.buffer_size > 0 is for the constrained methods)
+    assert trainer.dual_optimizer is None and trainer.problem.buffer is None and config.buffer_size > 0
     folder = tmp_path / "sparse"
     trainer.save_model(str(folder))
     assert (folder / "model.safetensors").exists()

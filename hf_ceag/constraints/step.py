@@ -37,17 +37,18 @@ class ConstrainedStep:
         cls, args, reference: DenseReference, estimate_reference: DenseReference | None = None
     ) -> ConstrainedStep:
         """The problem `args.mitigation` asks for (NFT keeps a CEAG problem, never stepping its duals, for its
-        logs), on `args.device`, with projected ascent on the multipliers at `args.dual_lr` by
+        logs, and with no replay buffers: nothing fills them), on `args.device`, with projected ascent on the multipliers at `args.dual_lr` by
         `args.dual_optimizer` (`build_dual_optimizer`). `estimate_reference`: the dense model on the held-out rows
         whose predictions the estimates are built from, if any."""
+        buffer_size = 0 if args.mitigation == "none" else args.buffer_size
         if args.mitigation == "equalized_loss":
             problem = EqualizedLossProblem(
-                reference, args.buffer_size, device=args.device, estimate_reference=estimate_reference
+                reference, buffer_size, device=args.device, estimate_reference=estimate_reference
             )
         else:
             problem = ExcessAccuracyGapProblem(
                 reference,
-                args.buffer_size,
+                buffer_size,
                 args.tolerance,
                 device=args.device,
                 overall_gradient=args.surrogate_overall_gradient,
