@@ -349,13 +349,25 @@ class CEAGTrainer(Trainer):
         return self._held_out.predict(bare, draw, self.args.process_index)
 
     def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This batch from every process, in rank order, so all processes hold identical estimates."""
+        """This batch from every process, in rank order, so all processes hold identical estimates.
+
+        Every process pads its rows to `per_device_train_batch_size` (the most a training batch or a held-out
+        draw holds, known without asking the others) with rows of group id `num_groups`, which the estimates
+        leave out: one all-gather of fixed shape, and nothing read back to the host (accelerate's
+        `pad_across_processes` would read every process's size, a synchronisation each step)."""
         if self.accelerator.num_processes == 1:
             return group_ids, correct, losses
-        rows = torch.stack([group_ids.float(), correct.float(), losses.float()], dim=1)
-        rows = self.accelerator.gather(self.accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
-        rows = rows[rows[:, 0] >= 0]
-        return rows[:, 0].long(), rows[:, 1], rows[:, 2]
+        size, rows = self.args.per_device_train_batch_size, group_ids.numel()
+        if rows > size:
+            raise ValueError(
+                f"CEAGTrainer: a process holds {rows} rows for the estimates, more than "
+                f"per_device_train_batch_size={size}: batches must come from the Trainer's own dataloader."
+            )
+        padded = torch.zeros(size, 3, dtype=torch.float32, device=losses.device)
+        padded[:, 0] = self.problem.num_groups
+        padded[:rows] = torch.stack([group_ids.float(), correct.float(), losses.float()], dim=1)
+        padded = self.accelerator.gather(padded)
+        return padded[:, 0].long(), padded[:, 1], padded[:, 2]
 
     # ---- logging ----
 

@@ -15,8 +15,11 @@ def naive_means(history, num_groups, capacity):
     return torch.tensor(means), torch.tensor(full), [list(b) for b in buffers]
 
 
+@pytest.mark.parametrize("padding", [False, True], ids=["rows", "rows_and_padding"])
 @pytest.mark.parametrize("capacity", [1, 3, 7, 20])  # 20: every batch fits (no drop step)
-def test_matches_naive_deque_over_random_batches(capacity):
+def test_matches_naive_deque_over_random_batches(capacity, padding):
+    """With `padding`, rows of id `num_groups` (what a gather across processes pads with) are mixed in: the
+    naive deque never sees them."""
     gen = torch.Generator().manual_seed(capacity)
     num_groups = 5
     buffer = ReplayBuffer(num_groups, capacity)
@@ -24,10 +27,11 @@ def test_matches_naive_deque_over_random_batches(capacity):
     for _ in range(30):
         size = int(torch.randint(1, 20, (1,), generator=gen))
         # skewed group draws so that some groups get more than `capacity` values in one batch
-        ids = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 0.2]), size, replacement=True, generator=gen)
+        weights = torch.tensor([8.0, 4, 2, 1, 0.2] + ([3.0] if padding else []))
+        ids = torch.multinomial(weights, size, replacement=True, generator=gen)
         values = torch.rand(size, generator=gen).round(decimals=2)
         buffer.update(ids, values)
-        history += list(zip(ids.tolist(), values.tolist()))
+        history += [(g, v) for g, v in zip(ids.tolist(), values.tolist()) if g < num_groups]
         means, full, contents = naive_means(history, num_groups, capacity)
         torch.testing.assert_close(buffer.means(), means, rtol=0, atol=1e-6)
         assert buffer.is_full.tolist() == full.tolist()

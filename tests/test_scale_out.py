@@ -280,3 +280,50 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
     )
     with pytest.raises(ValueError, match="has no constrained state .* restart the multipliers"):
         refused.train(resume_from_checkpoint=broken)
+
+
+@pytest.mark.parametrize("buffer_size", [0, 3], ids=["batch_estimates", "replay_buffers"])
+def test_the_fixed_shape_gather_leaves_the_padding_out_of_the_estimates(buffer_size):
+    """`CEAGTrainer._gather` on two processes holding 3 and 5 rows (batch size 6): each pads to 6 rows with
+    group id `num_groups`, and the estimates built from the gathered 12 rows equal those from the 8 real rows
+    observed directly, in rank order. More rows than the batch size is refused before anything is gathered."""
+    from types import SimpleNamespace
+
+    from hf_ceag import DenseReference, ExcessAccuracyGapProblem
+
+    reference = DenseReference(["a", "b", "c"], [10, 10, 10], [0.9, 0.8, 0.7], [0.3, 0.3, 0.3])
+
+    def problem():
+        return ExcessAccuracyGapProblem(reference, buffer_size, tolerance=0.0)
+
+    generator = torch.Generator().manual_seed(0)
+    ranks = [  # (group ids, correct, losses) of each process
+        (torch.randint(0, 3, (n,), generator=generator), torch.rand(n, generator=generator) < 0.5, torch.rand(n))
+        for n in (3, 5)
+    ]
+    sent = []
+
+    def gather(tensor):  # rank 0's view of an all-gather: its rows, then rank 1's, padded the same way
+        sent.append(tuple(tensor.shape))
+        padded = torch.zeros(6, 3)
+        padded[:, 0] = 3  # the padding's group id
+        padded[:5] = torch.stack([column.float() for column in ranks[1]], dim=1)
+        return torch.cat([tensor, padded])
+
+    gathered_problem, direct = problem(), problem()
+    fake = SimpleNamespace(
+        accelerator=SimpleNamespace(num_processes=2, gather=gather),
+        args=SimpleNamespace(per_device_train_batch_size=6),
+        problem=gathered_problem,
+    )
+    for _ in range(3):  # several calls: the buffers wrap
+        gathered_problem.observe(*CEAGTrainer._gather(fake, *ranks[0]))
+        direct.observe(*(torch.cat([ranks[0][i], ranks[1][i]]) for i in range(3)))
+        assert sent[-1] == (6, 3)
+        for name in ("group_estimate", "ready", "estimate_weights"):
+            assert torch.equal(getattr(gathered_problem, name), getattr(direct, name)), name
+        assert torch.equal(gathered_problem.estimated_gaps(), direct.estimated_gaps())
+    assert gathered_problem.ready.any()
+    fake.args.per_device_train_batch_size = 2
+    with pytest.raises(ValueError, match="3 rows .* per_device_train_batch_size=2"):
+        CEAGTrainer._gather(fake, *ranks[0])

@@ -85,6 +85,7 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
         Buffers: estimate = mean of each group's buffer, ready = buffer full, weights = training shares; only
         full buffers count, in ψ̂_g and in the overall accuracy inside it alike (DESIGN §2.3).
         No buffers: estimate = this batch's group mean, ready = present, weights = batch counts.
+        Rows of group id `num_groups` are padding (a fixed-shape gather across processes): left out.
         """
         values = (correct if self.observed_quantity == "correct" else losses).float()
         group_ids = group_ids.long()
@@ -94,7 +95,8 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
             self.observed = self.ready = self.buffer.is_full
             self.estimate_weights = self.estimate_reference["group_weights"]
         else:
-            self.group_estimate, counts = group_means(values, group_ids, self.num_groups)
+            means, counts = group_means(values, group_ids, self.num_groups + 1)  # the last: padding
+            self.group_estimate, counts = means[: self.num_groups], counts[: self.num_groups]
             self.observed = self.ready = counts > 0
             self.estimate_weights = counts.float()
 

@@ -17,7 +17,8 @@ class ReplayBuffer:
     """Ring buffers of capacity `capacity`, one per group, stored as a `[num_groups, capacity]` tensor.
 
     `update(group_ids, values)` appends the values in batch order; when a group receives more than
-    `capacity` values in one call, only its last `capacity` values are kept.
+    `capacity` values in one call, only its last `capacity` values are kept. The id `num_groups` marks padding
+    (`PADDING`: rows a fixed-shape gather adds across processes): its values go nowhere that is read.
     """
 
     def __init__(self, num_groups: int, capacity: int, device: torch.device | str = "cpu") -> None:
@@ -27,26 +28,37 @@ class ReplayBuffer:
             raise ValueError(f"ReplayBuffer: capacity must be >= 1, got {capacity}.")
         self.num_groups = num_groups
         self.capacity = capacity
-        # One spare column takes the writes a call drops (older than a group's last `capacity` values), so that
-        # the write is one fixed-shape scatter; `values` is the view without it.
-        self._slots = torch.zeros(num_groups, capacity + 1, dtype=torch.float32, device=device)
-        self.values = self._slots[:, :capacity]
-        self.position = torch.zeros(num_groups, dtype=torch.long, device=device)
-        self.count = torch.zeros(num_groups, dtype=torch.long, device=device)
+        # One spare column takes the writes a call drops (older than a group's last `capacity` values), and one
+        # spare row the padding's, so that the write is one fixed-shape scatter; `values` is the view without them.
+        self._slots = torch.zeros(num_groups + 1, capacity + 1, dtype=torch.float32, device=device)
+        self.values = self._slots[:num_groups, :capacity]
+        self._position = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
+        self._count = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
+
+    @property
+    def position(self) -> torch.Tensor:
+        """Each group's next slot, `[num_groups]`."""
+        return self._position[: self.num_groups]
+
+    @property
+    def count(self) -> torch.Tensor:
+        """How many values each group holds (at most `capacity`), `[num_groups]`."""
+        return self._count[: self.num_groups]
 
     @torch.no_grad()
     def update(self, group_ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Append `values[i]` to the buffer of group `group_ids[i]`, in order, for every i."""
+        """Append `values[i]` to the buffer of group `group_ids[i]`, in order, for every i (but the padding's,
+        `group_ids[i] == num_groups`)."""
         group_ids = group_ids.to(self.values.device, torch.long).reshape(-1)
         values = values.to(self.values.device, torch.float32).reshape(-1)
         if group_ids.numel() == 0:
             return
         order = torch.sort(group_ids, stable=True).indices
         sorted_ids = group_ids[order]
-        per_group = group_counts(sorted_ids, self.num_groups)
+        per_group = group_counts(sorted_ids, self.num_groups + 1)
         first = torch.cumsum(per_group, 0) - per_group
         rank = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first[sorted_ids]
-        slot = (self.position[sorted_ids] + rank) % self.capacity
+        slot = (self._position[sorted_ids] + rank) % self.capacity
         if sorted_ids.numel() > self.capacity:
             # Values older than the last `capacity` of a group would be overwritten in this same call: send them
             # to the spare column, so that no two kept writes hit the same slot. (A call of at most `capacity`
@@ -54,8 +66,8 @@ class ReplayBuffer:
             keep = rank >= per_group[sorted_ids] - self.capacity
             slot = torch.where(keep, slot, self.capacity)
         self._slots[sorted_ids, slot] = values[order]
-        self.position = (self.position + per_group) % self.capacity
-        self.count = torch.clamp(self.count + per_group, max=self.capacity)
+        self._position.add_(per_group).remainder_(self.capacity)
+        self._count.add_(per_group).clamp_(max=self.capacity)
 
     @property
     def is_full(self) -> torch.Tensor:
