@@ -2,8 +2,8 @@
 
 A small group's accuracy estimated on one mini-batch is very noisy; CEAG instead estimates it from the
 group's k most recent training predictions (DESIGN §2.3). The buffers are one `[num_groups, k]` tensor
-updated with fixed-shape tensor operations only, whatever the number of groups: no loop over groups, and no
-host-device synchronisation on a GPU (no boolean indexing, no `bincount`).
+updated with fixed-shape tensor operations only, whatever the number of groups: no loop over groups, no sort,
+and no host-device synchronisation on a GPU (no boolean indexing, no `bincount`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ReplayBuffer:
         self.values = self._slots[:num_groups, :capacity]
         self._position = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
         self._count = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
+        self._earlier_mask: torch.Tensor | None = None
 
     @property
     def position(self) -> torch.Tensor:
@@ -53,21 +54,27 @@ class ReplayBuffer:
         values = values.to(self.values.device, torch.float32).reshape(-1)
         if group_ids.numel() == 0:
             return
-        order = torch.sort(group_ids, stable=True).indices
-        sorted_ids = group_ids[order]
-        per_group = group_counts(sorted_ids, self.num_groups + 1)
-        first = torch.cumsum(per_group, 0) - per_group
-        rank = torch.arange(sorted_ids.numel(), device=sorted_ids.device) - first[sorted_ids]
-        slot = (self._position[sorted_ids] + rank) % self.capacity
-        if sorted_ids.numel() > self.capacity:
+        # rank of each row among its group's rows in this call: how many earlier rows share its group (a [n, n]
+        # comparison: no sort, no data-dependent shape)
+        n = group_ids.numel()
+        rank = ((group_ids[:, None] == group_ids[None, :]) & self._earlier(n, group_ids.device)).sum(dim=1)
+        per_group = group_counts(group_ids, self.num_groups + 1)
+        slot = (self._position[group_ids] + rank) % self.capacity
+        if n > self.capacity:
             # Values older than the last `capacity` of a group would be overwritten in this same call: send them
             # to the spare column, so that no two kept writes hit the same slot. (A call of at most `capacity`
             # values keeps them all: known from the shape, without reading the device.)
-            keep = rank >= per_group[sorted_ids] - self.capacity
+            keep = rank >= per_group[group_ids] - self.capacity
             slot = torch.where(keep, slot, self.capacity)
-        self._slots[sorted_ids, slot] = values[order]
+        self._slots[group_ids, slot] = values
         self._position.add_(per_group).remainder_(self.capacity)
         self._count.add_(per_group).clamp_(max=self.capacity)
+
+    def _earlier(self, n: int, device: torch.device) -> torch.Tensor:
+        """`[n, n]`, true where column j < row i (kept for the last size seen: batches keep theirs)."""
+        if self._earlier_mask is None or self._earlier_mask.shape[0] != n:
+            self._earlier_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
+        return self._earlier_mask
 
     @property
     def is_full(self) -> torch.Tensor:

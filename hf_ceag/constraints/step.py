@@ -217,10 +217,10 @@ class StepMetrics:
         gaps = problem.estimated_gaps() if gaps is None else gaps
         values = torch.stack([
             ce,
-            gaps.masked_fill(~problem.ready, float("-inf")).max(),
+            torch.where(problem.ready, gaps, float("-inf")).max(),
             multipliers.mean(),
             multipliers.max(),
-            problem.ready.sum().float(),
+            problem.ready.sum(),  # promoted to float by the stack
         ])  # fmt: skip
         defined = torch.isfinite(values) | self.always
         self.sums += torch.where(defined, values, 0.0)
