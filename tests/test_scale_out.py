@@ -24,13 +24,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_ceag import CEAGTrainer
+from hf_ceag import CEAGTrainer, DenseReference, ExcessAccuracyGapProblem
 from hf_ceag.constraints.step import ConstrainedStep, dual_state_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,10 +288,6 @@ def test_the_fixed_shape_gather_leaves_the_padding_out_of_the_estimates(buffer_s
     """`CEAGTrainer._gather` on two processes holding 3 and 5 rows (batch size 6): each pads to 6 rows with
     group id `num_groups`, and the estimates built from the gathered 12 rows equal those from the 8 real rows
     observed directly, in rank order. More rows than the batch size is refused before anything is gathered."""
-    from types import SimpleNamespace
-
-    from hf_ceag import DenseReference, ExcessAccuracyGapProblem
-
     reference = DenseReference(["a", "b", "c"], [10, 10, 10], [0.9, 0.8, 0.7], [0.3, 0.3, 0.3])
 
     def problem():

@@ -18,7 +18,7 @@ class ReplayBuffer:
 
     `update(group_ids, values)` appends the values in batch order; when a group receives more than
     `capacity` values in one call, only its last `capacity` values are kept. The id `num_groups` marks padding
-    (`PADDING`: rows a fixed-shape gather adds across processes): its values go nowhere that is read.
+    (the rows a fixed-shape gather across processes adds): its values go nowhere that is read.
     """
 
     def __init__(self, num_groups: int, capacity: int, device: torch.device | str = "cpu") -> None:

@@ -36,10 +36,10 @@ class ConstrainedStep:
     def for_run(
         cls, args, reference: DenseReference, estimate_reference: DenseReference | None = None
     ) -> ConstrainedStep:
-        """The problem `args.mitigation` asks for (NFT keeps a CEAG problem, never stepping its duals, for its
-        logs, and with no replay buffers: nothing fills them), on `args.device`, with projected ascent on the multipliers at `args.dual_lr` by
-        `args.dual_optimizer` (`build_dual_optimizer`). `estimate_reference`: the dense model on the held-out rows
-        whose predictions the estimates are built from, if any."""
+        """The problem `args.mitigation` asks for (NFT keeps a CEAG problem for its logs, never stepping its
+        duals, without replay buffers: nothing fills them), on `args.device`, with projected ascent on the
+        multipliers at `args.dual_lr` by `args.dual_optimizer` (`build_dual_optimizer`). `estimate_reference`:
+        the dense model on the held-out rows whose predictions the estimates are built from, if any."""
         buffer_size = 0 if args.mitigation == "none" else args.buffer_size
         if args.mitigation == "equalized_loss":
             problem = EqualizedLossProblem(
