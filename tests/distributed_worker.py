@@ -60,9 +60,10 @@ def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
     )
     trainer = CEAGTrainer(model, config, train_dataset=data["train"])
     trainer.train()
+    buffer = trainer.problem.buffer  # NFT: none
     state = {
         "multiplier": trainer.problem.multiplier.weight.detach().flatten(),
-        "buffer": trainer.problem.buffer.values if trainer.problem.buffer is not None else torch.zeros(0),  # NFT: none
+        "buffer": buffer.values if buffer is not None else torch.zeros(0),
         "weights": torch.cat([p.detach().flatten().float() for p in model.parameters()]),
         "reference_accuracy": torch.tensor(trainer.dense_reference.group_accuracy),
         "held_out_rows": torch.tensor(len(trainer.constraint_dataset) if trainer.constraint_dataset else 0),

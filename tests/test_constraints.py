@@ -113,7 +113,8 @@ def test_the_primal_lagrangian_equals_coopers_in_value_and_gradient(kind):
         with torch.no_grad():
             problem.multiplier.weight.copy_(multipliers)
         ids = torch.tensor([0, 0, 1, 2, 2, 2, 0, 1])[torch.randperm(8, generator=generator)]
-        step_counts = torch.bincount(ids, minlength=num_groups) * 2 + torch.tensor([0, 1, 0, 3, 0])  # g3: another slice
+        # the step: this slice twice over, and group 3 only in another slice
+        step_counts = torch.bincount(ids, minlength=num_groups) * 2 + torch.tensor([0, 1, 0, 3, 0])
         losses = torch.rand(8, generator=generator) * 3
         ours, theirs = losses.clone().requires_grad_(), losses.clone().requires_grad_()
         value = problem.primal_lagrangian(ours, ids, step_counts, scale=2)

@@ -15,11 +15,14 @@ def naive_means(history, num_groups, capacity):
     return torch.tensor(means), torch.tensor(full), [list(b) for b in buffers]
 
 
+@pytest.mark.parametrize("rank_by", ["comparison", "sort"])
 @pytest.mark.parametrize("padding", [False, True], ids=["rows", "rows_and_padding"])
 @pytest.mark.parametrize("capacity", [1, 3, 7, 20])  # 20: every batch fits (no drop step)
-def test_matches_naive_deque_over_random_batches(capacity, padding):
+def test_matches_naive_deque_over_random_batches(capacity, padding, rank_by, monkeypatch):
     """With `padding`, rows of id `num_groups` (what a gather across processes pads with) are mixed in: the
-    naive deque never sees them."""
+    naive deque never sees them. `rank_by`: both ways of ranking rows within their group (small and large
+    calls), forced by the size limit between them."""
+    monkeypatch.setattr(ReplayBuffer, "PAIRWISE_RANK_MAX_ROWS", 10**6 if rank_by == "comparison" else 0)
     gen = torch.Generator().manual_seed(capacity)
     num_groups = 5
     buffer = ReplayBuffer(num_groups, capacity)

@@ -2,8 +2,8 @@
 
 A small group's accuracy estimated on one mini-batch is very noisy; CEAG instead estimates it from the
 group's k most recent training predictions (DESIGN §2.3). The buffers are one `[num_groups, k]` tensor
-updated with fixed-shape tensor operations only, whatever the number of groups: no loop over groups, no sort,
-and no host-device synchronisation on a GPU (no boolean indexing, no `bincount`).
+updated with fixed-shape tensor operations only, whatever the number of groups: no loop over groups, and no
+host-device synchronisation on a GPU (no boolean indexing, no `bincount`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ class ReplayBuffer:
     `capacity` values in one call, only its last `capacity` values are kept. The id `num_groups` marks padding
     (the rows a fixed-shape gather across processes adds): its values go nowhere that is read.
     """
+
+    # Up to this many rows a call ranks them by one [n, n] comparison, beyond by a stable sort (n log n). Measured
+    # on 2 CPU cores (`update`, 10 groups): 26 µs against 34 at n = 64, but 1.07 ms against 0.07 at n = 1024.
+    PAIRWISE_RANK_MAX_ROWS = 128
 
     def __init__(self, num_groups: int, capacity: int, device: torch.device | str = "cpu") -> None:
         if num_groups < 1:
@@ -52,13 +56,11 @@ class ReplayBuffer:
         `group_ids[i] == num_groups`)."""
         group_ids = group_ids.to(self.values.device, torch.long).reshape(-1)
         values = values.to(self.values.device, torch.float32).reshape(-1)
-        if group_ids.numel() == 0:
-            return
-        # rank of each row among its group's rows in this call: how many earlier rows share its group (a [n, n]
-        # comparison: no sort, no data-dependent shape)
         n = group_ids.numel()
-        rank = ((group_ids[:, None] == group_ids[None, :]) & self._earlier(n, group_ids.device)).sum(dim=1)
+        if n == 0:
+            return
         per_group = group_counts(group_ids, self.num_groups + 1)
+        rank = self._rank_in_group(group_ids, per_group)
         slot = (self._position[group_ids] + rank) % self.capacity
         if n > self.capacity:
             # Values older than the last `capacity` of a group would be overwritten in this same call: send them
@@ -70,11 +72,18 @@ class ReplayBuffer:
         self._position.add_(per_group).remainder_(self.capacity)
         self._count.add_(per_group).clamp_(max=self.capacity)
 
-    def _earlier(self, n: int, device: torch.device) -> torch.Tensor:
-        """`[n, n]`, true where column j < row i (kept for the last size seen: batches keep theirs)."""
-        if self._earlier_mask is None or self._earlier_mask.shape[0] != n:
-            self._earlier_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
-        return self._earlier_mask
+    def _rank_in_group(self, group_ids: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
+        """For every row, how many earlier rows of this call share its group (fixed shapes only)."""
+        n = group_ids.numel()
+        if n <= self.PAIRWISE_RANK_MAX_ROWS:
+            if self._earlier_mask is None or self._earlier_mask.shape[0] != n:  # batches keep their size
+                self._earlier_mask = torch.ones(n, n, dtype=torch.bool, device=group_ids.device).tril(-1)
+            return ((group_ids[:, None] == group_ids[None, :]) & self._earlier_mask).sum(dim=1)
+        order = torch.sort(group_ids, stable=True).indices
+        first = torch.cumsum(per_group, 0) - per_group  # where each group starts in the sorted order
+        rank = torch.empty_like(group_ids)
+        rank[order] = torch.arange(n, device=group_ids.device) - first[group_ids[order]]
+        return rank
 
     @property
     def is_full(self) -> torch.Tensor:
