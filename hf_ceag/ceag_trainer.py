@@ -90,7 +90,8 @@ class CEAGTrainer(Trainer):
         narrow_for_grayscale_data(model, train_dataset)  # a grayscale model hf-ceag published as an RGB one
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
-        warn_small_groups(self.group_index, config.buffer_size)
+        if config.mitigation != "none":  # NFT has no replay buffers
+            warn_small_groups(self.group_index, config.buffer_size)
         # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
         params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(
             encode_split(self.group_index, train_dataset, "train"), config
@@ -354,7 +355,8 @@ class CEAGTrainer(Trainer):
         Every process pads its rows to `per_device_train_batch_size` (the most a training batch or a held-out
         draw holds, known without asking the others) with rows of group id `num_groups`, which the estimates
         leave out: one all-gather of fixed shape, and nothing read back to the host (accelerate's
-        `pad_across_processes` would read every process's size, a synchronisation each step)."""
+        `pad_across_processes` would read every process's size, a synchronisation each step). A batch with more
+        rows (a collator that adds rows) is refused; the process that raises ends the launcher's run."""
         if self.accelerator.num_processes == 1:
             return group_ids, correct, losses
         size, rows = self.args.per_device_train_batch_size, group_ids.numel()

@@ -103,6 +103,9 @@ def test_the_primal_lagrangian_equals_coopers_in_value_and_gradient(kind):
     )
     if kind == "el":
         problem = EqualizedLossProblem(ref, buffer_size=0)
+        group_loss, loss = torch.tensor([0.5, 1.0, 2.0, 0.1, 0.0]), torch.tensor(0.7)
+        # EL's surrogate has no reference losses
+        torch.testing.assert_close(problem.surrogate_violations(group_loss, loss), group_loss - loss)
     else:
         problem = ExcessAccuracyGapProblem(ref, buffer_size=0, tolerance=0.01, overall_gradient=kind != "ceag")
     generator = torch.Generator().manual_seed(3)
@@ -231,7 +234,7 @@ def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dua
         correct = (torch.rand(len(ids), generator=generator) < 0.6).float()
         losses = torch.rand(len(ids), generator=generator)
         counts = torch.bincount(ids, minlength=3)
-        step.loss(losses.clone().requires_grad_(), correct, ids, counts, 1, True, True, lambda *b: b)
+        value = step.loss(losses.clone().requires_grad_(), correct, ids, counts, 1, True, True, lambda *b: b)
 
         twin.observe(ids, correct, losses)
         state = twin.compute_cmp_state(losses.clone().requires_grad_(), ids, counts)
@@ -250,5 +253,7 @@ def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dua
                     now.copy_(torch.where(twin.ready, now, saved))
         twin.multiplier.post_step_()
         assert torch.equal(problem.multipliers_tensor(), twin.multipliers_tensor()), t
+        # the step's loss: Cooper's primal Lagrangian with the multipliers after the dual step
+        torch.testing.assert_close(value, state.compute_primal_lagrangian().lagrangian, rtol=1e-6, atol=1e-6)
         moved += int(not torch.equal(before, twin.multiplier.weight.detach()))
     assert moved >= 4 and problem.multipliers_tensor().abs().sum() > 0

@@ -324,3 +324,4 @@ def test_the_fixed_shape_gather_leaves_the_padding_out_of_the_estimates(buffer_s
     fake.args.per_device_train_batch_size = 2
     with pytest.raises(ValueError, match="3 rows .* per_device_train_batch_size=2"):
         CEAGTrainer._gather(fake, *ranks[0])
+    assert len(sent) == 3  # refused before the gather

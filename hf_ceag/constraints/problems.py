@@ -1,8 +1,9 @@
 """The constrained problems, expressed with Cooper: one constraint per group, one multiplier λ_g each.
 
 * `ExcessAccuracyGapProblem` (CEAG, DESIGN §2): ψ_g ≤ ε. The dual step uses the true accuracy gaps
-  ψ̂_g − ε estimated from replay buffers (`strict_violation`); the primal step uses the differentiable
-  surrogate ψ̃_g = (L_g − L_g^dense) − (L − L^dense) on the mini-batch (`violation`, Cotter et al. 2019).
+  ψ̂_g − ε estimated from replay buffers (`strict_violations`); the primal step uses the differentiable
+  surrogate ψ̃_g = (L_g − L_g^dense) − (L − L^dense) on the mini-batch (`surrogate_violations`, Cotter et al.
+  2019).
 * `EqualizedLossProblem` (EL, Tran et al. 2022): L_g − L = 0, an equality constraint; with replay
   buffers of losses (EL+RB) when `buffer_size > 0`.
 
@@ -32,7 +33,9 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
     """One constraint per group with a Cooper `DenseMultiplier`; subclasses define the constraint.
 
     `observe()` records a (gathered, detached) batch into the per-group estimates; `compute_cmp_state()`
-    builds the Cooper state from the local, differentiable per-sample losses.
+    builds the Cooper state from the local, differentiable per-sample losses. The training step
+    (`ConstrainedStep.loss`) takes the same dual and primal steps without building it: `strict_violations()` and
+    `primal_lagrangian()`, which `tests/test_constraints.py` checks against Cooper's dual and primal Lagrangians.
 
     `reference` is the dense model on the rows the primal step trains on (the surrogates' dense losses);
     `estimate_reference`, when the estimates come from other rows (held-out duals), the dense model on those
