@@ -11,11 +11,18 @@ from hf_ceag import CEAGConfig
 from hf_ceag.benchmarks.formatting import verdict
 from hf_ceag.benchmarks.profiling import profile, profile_markdown
 from hf_ceag.benchmarks.settings import TARGETS
-from hf_ceag.benchmarks.timing import fine_tune_args, pruned_model, train_timed
+from hf_ceag.benchmarks.timing import fine_tune_args, paired_ratio, pruned_model, train_timed
 
 OVERHEAD_KINDS = ("plain", "nft", "ceag")
 COMPILED_KINDS = ("plain+compile", "ceag+compile")  # with --torch_compile_kinds (the device section)
 SHORT_LABELS = {"plain": "plain Trainer", "nft": "NFT", "ceag": "CEAG"}
+# ratio key -> (numerator, denominator) configurations
+RATIOS = {
+    "ceag_over_nft": ("ceag", "nft"),
+    "nft_over_plain": ("nft", "plain"),
+    "ceag_over_plain": ("ceag", "plain"),
+    "compiled_ceag_over_plain": ("ceag+compile", "plain+compile"),
+}
 OVERHEAD_LABELS = {
     "plain": "`transformers.Trainer` (plain fine-tuning)",
     "nft": "`CEAGTrainer`, mitigation none (NFT)",
@@ -27,7 +34,9 @@ OVERHEAD_LABELS = {
 
 def overhead(settings, context: dict, work: str) -> dict[str, Any]:
     """Seconds per step of plain Trainer, NFT and CEAG on the same pruned model, data and steps: one warm-up
-    run each, then `repeats` rounds with the three interleaved (order rotated each round); medians."""
+    run each, then `repeats` rounds with the three interleaved (order rotated each round). Each run's median step
+    time; each configuration's median over rounds; each ratio the median over rounds of the ratio within the
+    round (`paired_ratio`), with every round's ratio in `paired`."""
     config, sparsity = context["config"], settings.sparsities[0]
     model = pruned_model(context["dense_dir"], config, sparsity)
     train = context["data"]["train"]
@@ -53,12 +62,12 @@ def overhead(settings, context: dict, work: str) -> dict[str, Any]:
             )
             times[kind].append(seconds)
     median = {kind: statistics.median(values) for kind, values in times.items()}
+    paired = {key: paired_ratio(times[num], times[den]) for key, (num, den) in RATIOS.items() if num in times}
     result = {
         "times": times,
         "median": median,
-        "ceag_over_nft": median["ceag"] / median["nft"],
-        "nft_over_plain": median["nft"] / median["plain"],
-        "ceag_over_plain": median["ceag"] / median["plain"],
+        **{key: ratio for key, (ratio, _) in paired.items()},
+        "paired": {key: ratios for key, (_, ratios) in paired.items()},
         "rows": len(train),
         "batch": config.per_device_train_batch_size,
         "buffer_size": config.buffer_size,
@@ -66,10 +75,8 @@ def overhead(settings, context: dict, work: str) -> dict[str, Any]:
         "profiles": {},
     }
     profiled = {}  # a target missed: profile both sides of its ratio, and show the numerator's top functions
-    for key, (numerator, denominator) in (
-        ("ceag_over_nft", ("ceag", "nft")),
-        ("nft_over_plain", ("nft", "plain")),
-    ):
+    for key in ("ceag_over_nft", "nft_over_plain"):
+        numerator, denominator = RATIOS[key]
         if result[key] <= TARGETS[key] or settings.device_section:  # cProfile says little about device time
             continue
         for kind in (denominator, numerator):
@@ -93,7 +100,9 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
         f"with a `TrainerCallback` from the end of step {settings.warmup_steps} to the end of the last step: the "
         "training loop only — not the dense-reference pass `CEAGTrainer` makes before training, nor trainer "
         f"set-up. One untimed warm-up run per configuration, then {settings.repeats} round(s) with the "
-        "configurations interleaved (order rotated); medians."
+        "configurations interleaved (order rotated). A run's ms/step is the median of its steps; a configuration's, "
+        "the median of its runs; a ratio, the median over rounds of the ratio within each round (the two runs "
+        "it compares shared that round's machine speed), with the range of those per-round ratios."
     )
     if any(kind.endswith("+compile") for kind in over["median"]):
         intro += (
@@ -105,7 +114,7 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
         "",
         intro,
         "",
-        "| configuration | ms/step (median) | steps/s | every run (ms/step) |",
+        "| configuration | ms/step (median) | steps/s | every run (median ms/step) |",
         "|---|---:|---:|---|",
     ]
     for kind in over["median"]:
@@ -116,7 +125,11 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
     targets = targets or {key: TARGETS[key] for key in ("ceag_over_nft", "nft_over_plain")}
     labels = {"ceag_over_nft": "CEAG / NFT", "nft_over_plain": "NFT / plain", "ceag_over_plain": "CEAG / plain"}
     for key, target in targets.items():
-        lines.append(f"- {labels[key]} step time: **{over[key]:.3f}** ({verdict(over[key], target)})")
+        spread = over["paired"][key]
+        lines.append(
+            f"- {labels[key]} step time: **{over[key]:.3f}** ({verdict(over[key], target)}; per round "
+            f"{min(spread):.3f}–{max(spread):.3f})"
+        )
     for key, explanation in over["profiles"].items():
         lines += ["", f"### Profile: {key} missed its target", "", explanation]
     return "\n".join(lines)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import cProfile
 import dataclasses
+import itertools
+import statistics
 import time
 
 import datasets
@@ -38,10 +40,26 @@ class StepTimer(TrainerCallback):
         if self.profiler is not None:
             self.profiler.disable()
 
-    def seconds_per_step(self) -> float:
-        """Mean time of the steps after the warm-up (from the end of step `warmup` to the end of the last)."""
+    def step_seconds(self) -> list[float]:
+        """The duration of every step after the warm-up (from the end of step `warmup` on)."""
         steady = self.times[self.warmup - 1 :]
-        return (steady[-1] - steady[0]) / (len(steady) - 1)
+        return [end - start for start, end in itertools.pairwise(steady)]
+
+    def seconds_per_step(self) -> float:
+        """The median duration of the steps after the warm-up: a step the machine stalled (this 2-core VM
+        moves single steps by ±15 %) does not move it. A cost paid only once per `logging_steps` (the one read of
+        the logged metrics) is left out with the other outliers."""
+        return statistics.median(self.step_seconds())
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:
+    """The median over rounds of each round's ratio numerator[r] / denominator[r], and those ratios: two
+    configurations timed in the same round share that round's machine speed, which the ratio cancels (the ratio
+    of the two medians would not: one slow round on either side moves it)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"paired_ratio: {len(numerator)} and {len(denominator)} rounds; give the same, >= 1.")
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    return statistics.median(ratios), ratios
 
 
 def train_timed(kind: str, model, args: CEAGConfig, train: datasets.Dataset, warmup: int, profiler=None):
