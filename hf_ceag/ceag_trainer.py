@@ -305,8 +305,9 @@ class CEAGTrainer(Trainer):
         per_sample = F.cross_entropy(
             logits.float(), labels, reduction="none", label_smoothing=self.args.label_smoothing_factor
         )
-        loss = per_sample.mean()
-        if model.training and self.constrained_step is not None:
+        if not model.training or self.constrained_step is None:
+            loss = per_sample.mean()
+        else:
             if group_ids is None:
                 raise ValueError(
                     f"CEAGTrainer: the training batch has no {GROUP_ID_COLUMN!r} column. A set_transform or "
@@ -333,7 +334,8 @@ class CEAGTrainer(Trainer):
         self._micro_batch = 0
         if self.problem is not None:
             ids = [batch[GROUP_ID_COLUMN].reshape(-1) for batch in batch_samples if GROUP_ID_COLUMN in batch]
-            ids = torch.cat(ids).to(self.args.device).long() if ids else torch.zeros(0, dtype=torch.long)
+            ids = (ids[0] if len(ids) == 1 else torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long)
+            ids = ids.to(self.args.device)
             counts = group_counts(ids, self.problem.num_groups)
             if self.accelerator.num_processes > 1:
                 counts = self.accelerator.reduce(counts, reduction="sum")
@@ -374,8 +376,8 @@ class CEAGTrainer(Trainer):
     # ---- logging ----
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the constraint metrics averaged since the last training log (one read from the device), and
-        the measured sparsity."""
+        """Add the constraint metrics (summed since the last training log, and the dual state as it is now: one
+        read from the device), and the measured sparsity."""
         if "loss" in logs and self.constrained_step is not None:
             logs.update(self.constrained_step.metrics.flush(self.accelerator))
             logs["sparsity"] = self.pruner.sparsity()

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 
 from hf_ceag import DenseReference, EqualizedLossProblem, ExcessAccuracyGapProblem
-from hf_ceag.constraints.step import ConstrainedStep, build_dual_optimizer
+from hf_ceag.constraints.step import ConstrainedStep, build_dual_optimizer, plain_ascent_lr
 
 
 def reference(num_groups=3):
@@ -257,3 +259,121 @@ def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dua
         torch.testing.assert_close(value, state.compute_primal_lagrangian().lagrangian, rtol=1e-6, atol=1e-6)
         moved += int(not torch.equal(before, twin.multiplier.weight.detach()))
     assert moved >= 4 and problem.multipliers_tensor().abs().sum() > 0
+
+
+def random_steps(step, steps, seed=0, lr_from=None):
+    """`steps` dual steps of `step` on random batches of 3 groups (group 2 from step 3 on); from step `lr_from`
+    on, the dual learning rate is set to 0.25 (as a scheduler would). The multipliers after each step."""
+    generator, multipliers = torch.Generator().manual_seed(seed), []
+    for t in range(steps):
+        if t == lr_from:
+            step.dual_optimizer.param_groups[0]["lr"] = 0.25
+        ids = torch.tensor([0, 0, 1, 1, 2] if t >= 3 else [0, 0, 1, 1])
+        correct = (torch.rand(len(ids), generator=generator) < 0.6).float()
+        losses = torch.rand(len(ids), generator=generator, requires_grad=True)
+        counts = torch.bincount(ids, minlength=3)
+        step.loss(losses, correct, ids, counts, 1, active=True, update_duals=True, gather=lambda *b: b)
+        step.undo_if_skipped(False)
+        multipliers.append(step.problem.multipliers_tensor())
+    return multipliers
+
+
+@pytest.mark.parametrize("problem_kind", ["ceag", "el"])
+def test_the_plain_sgd_ascent_equals_the_optimizers_step_bit_for_bit(problem_kind):
+    """The dual step applies plain SGD's update itself; `torch.optim.SGD.step()` gives the same multipliers, bit
+    for bit, also after the learning rate changes between steps."""
+
+    def make(skip_the_shortcut):
+        if problem_kind == "ceag":
+            problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
+        else:
+            problem = EqualizedLossProblem(reference(), buffer_size=2)
+        step = ConstrainedStep(problem, build_dual_optimizer("sgd", problem.dual_parameters(), 0.5))
+        if skip_the_shortcut:
+            step._ascent_lr = None  # the optimizer steps
+        return step
+
+    direct, stepped = make(False), make(True)
+    assert direct._ascent_lr is not None and direct._ascent_lr() == 0.5
+    ours, theirs = random_steps(direct, 10, lr_from=6), random_steps(stepped, 10, lr_from=6)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert not torch.equal(ours[5], ours[9]) and ours[-1].abs().sum() > 0
+    assert stepped.problem.multiplier.weight.grad is not None and direct.problem.multiplier.weight.grad is None
+
+
+def test_only_plain_sgd_takes_the_shortcut():
+    weight = [torch.nn.Parameter(torch.zeros(3))]
+    assert plain_ascent_lr(torch.optim.SGD(weight, lr=0.1, maximize=True))() == pytest.approx(0.1)
+    for other in (
+        torch.optim.SGD(weight, lr=0.1),  # descent
+        torch.optim.SGD(weight, lr=0.1, maximize=True, momentum=0.9),
+        torch.optim.SGD(weight, lr=0.1, maximize=True, weight_decay=0.1),
+        build_dual_optimizer("nupi", weight, 0.1),
+        None,
+    ):
+        assert plain_ascent_lr(other) is None
+
+
+def test_undo_of_a_skipped_step_restores_the_multipliers_of_the_plain_sgd_ascent():
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
+    step = ConstrainedStep(problem, build_dual_optimizer("sgd", problem.dual_parameters(), 0.5))
+    random_steps(step, 5)
+    before, count = problem.multipliers_tensor(), problem.dual_steps
+    ids, correct = torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0, 1.0])
+    step.loss(torch.rand(3, requires_grad=True), correct, ids, torch.ones(3), 1, True, True, lambda *b: b)
+    assert not torch.equal(problem.multipliers_tensor(), before) and problem.dual_steps == count + 1
+    step.undo_if_skipped(True)
+    assert torch.equal(problem.multipliers_tensor(), before) and problem.dual_steps == count
+    step.undo_if_skipped(True)  # no dual step since: nothing to undo
+    assert torch.equal(problem.multipliers_tensor(), before) and problem.dual_steps == count
+
+
+class OneProcess:
+    num_processes = 1
+
+
+def test_step_metrics_against_a_plain_loop():
+    """`ce_loss` and `max_excess_gap_window` summed over the micro-batches since the last log, by hand; the
+    dual state (largest estimated gap over ready groups, λ mean and max, full buffers) as the log finds it."""
+    problem = ExcessAccuracyGapProblem(reference(), buffer_size=3, tolerance=0.02)
+    step = ConstrainedStep(problem, build_dual_optimizer("sgd", problem.dual_parameters(), 0.5))
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for t in range(5):
+        ids = torch.tensor([0, 0, 1, 1, 1] if t < 4 else [0, 1, 2])  # group 2 seen once: its buffer not full
+        correct = (torch.rand(len(ids), generator=generator) < 0.7).float()
+        losses = torch.rand(len(ids), generator=generator, requires_grad=True)
+        step.loss(losses, correct, ids, torch.bincount(ids, minlength=3), 1, True, True, lambda *b: b)
+        batches.append((ids.tolist(), correct.tolist(), losses.tolist()))
+    logs = step.metrics.flush(OneProcess())
+
+    ce = sum(sum(losses) / len(losses) for _, _, losses in batches) / len(batches)
+    seen, right = [0] * 3, [0] * 3
+    for ids, correct, _ in batches:
+        for g, c in zip(ids, correct):
+            seen[g], right[g] = seen[g] + 1, right[g] + c
+    dense, share = [0.9] * 3, [1 / 3] * 3
+    lost = [dense[g] - right[g] / seen[g] for g in range(3)]
+    overall = sum(share[g] * lost[g] for g in range(3)) / sum(share)
+    lam = problem.multipliers_tensor().tolist()
+    ready = problem.ready.tolist()
+    assert ready == [True, True, False]
+    estimate = problem.estimated_gaps().tolist()
+    assert logs == pytest.approx({
+        "ce_loss": ce,
+        "max_excess_gap_window": max(lost[g] - overall for g in range(3)),
+        "max_excess_gap_estimate": max(estimate[g] for g in range(3) if ready[g]),
+        "multiplier_mean": sum(lam) / 3,
+        "multiplier_max": max(lam),
+        "full_buffers": 2,
+    })  # fmt: skip
+    # the sums start again (no micro-batch since: no ce_loss, no window); the dual state is read again
+    state = {
+        key: logs[key] for key in ("max_excess_gap_estimate", "multiplier_mean", "multiplier_max", "full_buffers")
+    }
+    assert step.metrics.flush(OneProcess()) == state
+    # NFT (no dual optimizer) logs the sums only; a NaN cross-entropy stays NaN, for NonFiniteGuard
+    nft = ConstrainedStep(ExcessAccuracyGapProblem(reference(), buffer_size=0, tolerance=0.02), None)
+    nft.metrics.record(torch.tensor([0.5, float("nan")]), torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))
+    logs = nft.metrics.flush(OneProcess())
+    assert set(logs) == {"ce_loss", "max_excess_gap_window"} and math.isnan(logs["ce_loss"])

@@ -49,5 +49,21 @@ def test_state_dict_round_trip_and_shape_check():
     other = ReplayBuffer(3, 4)
     other.load_state_dict(buffer.state_dict())
     torch.testing.assert_close(other.means(), buffer.means())
+    # group 0 wraps (6 values: next slot 2), group 1 fills exactly (4: next slot 0), group 2 holds 1
+    buffer.update(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([1.0, 1, 0, 1, 0, 0, 1, 1]))
+    state = buffer.state_dict()
+    assert state["position"].tolist() == [2, 0, 1] and state["count"].tolist() == [4, 4, 1]
+    other = ReplayBuffer(3, 4)
+    other.load_state_dict(state)
+    for ids, values in (
+        (torch.tensor([0, 1, 2, 2, 2]), torch.tensor([0.0, 1, 0, 0, 1])),
+        (torch.tensor([2]), torch.tensor([1.0])),
+    ):
+        buffer.update(ids, values)
+        other.update(ids, values)
+        assert torch.equal(other.values, buffer.values) and torch.equal(other.means(), buffer.means())
+        assert other.state_dict()["position"].tolist() == buffer.state_dict()["position"].tolist()
+        assert other.is_full.tolist() == buffer.is_full.tolist()
+    assert buffer.is_full.tolist() == [True, True, True] and buffer.position.tolist() == [3, 1, 1]
     with pytest.raises(ValueError, match="buffer_size"):
         ReplayBuffer(3, 5).load_state_dict(buffer.state_dict())

@@ -179,13 +179,17 @@ class GroupConstrainedProblem(ConstrainedMinimizationProblem):
             step_group_counts = group_counts(group_ids, self.num_groups)
         total = step_group_counts.sum().clamp(min=1)
         multipliers = self.multiplier.weight.detach().reshape(-1) * (step_group_counts > 0)  # absent groups: 0
-        multipliers_sum = multipliers.sum()
-        overall = 1.0 - multipliers_sum if self.overall_gradient else 1.0
-        weights = (overall / total + (multipliers / step_group_counts.clamp(min=1))[group_ids]) * scale
-        constant = multipliers_sum * self.surrogate_reference - multipliers @ self.surrogate_group_reference
-        if not self.overall_gradient:
-            constant = constant - multipliers_sum * (per_sample_loss.detach().sum() * scale / total)
-        return (per_sample_loss * weights).sum() + constant
+        per_group = multipliers / step_group_counts.clamp(min=1)
+        constant = multipliers @ (self.surrogate_reference - self.surrogate_group_reference)
+        if self.overall_gradient:
+            overall = (1.0 - multipliers.sum()) / total
+        else:
+            overall = total.reciprocal()
+            constant = constant - multipliers.sum() * (per_sample_loss.detach().sum() * scale / total)
+        weights = per_group[group_ids] + overall
+        if scale != 1:
+            weights = weights * scale
+        return torch.dot(per_sample_loss, weights.to(per_sample_loss.dtype)) + constant
 
     @property
     def dual_steps(self) -> int:

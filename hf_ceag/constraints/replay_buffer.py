@@ -36,19 +36,20 @@ class ReplayBuffer:
         # spare row the padding's, so that the write is one fixed-shape scatter; `values` is the view without them.
         self._slots = torch.zeros(num_groups + 1, capacity + 1, dtype=torch.float32, device=device)
         self.values = self._slots[:num_groups, :capacity]
-        self._position = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
-        self._count = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
+        # how many values each group has received in all (next slot: modulo capacity; held: at most capacity)
+        self._received = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
         self._earlier_mask: torch.Tensor | None = None
+        self._ones: torch.Tensor | None = None
 
     @property
     def position(self) -> torch.Tensor:
         """Each group's next slot, `[num_groups]`."""
-        return self._position[: self.num_groups]
+        return self._received[: self.num_groups] % self.capacity
 
     @property
     def count(self) -> torch.Tensor:
         """How many values each group holds (at most `capacity`), `[num_groups]`."""
-        return self._count[: self.num_groups]
+        return self._received[: self.num_groups].clamp(max=self.capacity)
 
     @torch.no_grad()
     def update(self, group_ids: torch.Tensor, values: torch.Tensor) -> None:
@@ -59,41 +60,52 @@ class ReplayBuffer:
         n = group_ids.numel()
         if n == 0:
             return
-        per_group = group_counts(group_ids, self.num_groups + 1)
-        rank = self._rank_in_group(group_ids, per_group)
-        slot = (self._position[group_ids] + rank) % self.capacity
+        pairwise = n <= self.PAIRWISE_RANK_MAX_ROWS
+        if pairwise:  # rank each row within its group by one [n, n] comparison
+            same = group_ids[:, None] == group_ids[None, :]
+            earlier, ones = self._pairwise_constants(n, group_ids.device)
+            rank = (same & earlier).sum(dim=1)
+        else:  # by a stable sort
+            per_group = group_counts(group_ids, self.num_groups + 1)
+            rank = self._sorted_rank(group_ids, per_group)
+        slot = (self._received[group_ids] + rank) % self.capacity
         if n > self.capacity:
             # Values older than the last `capacity` of a group would be overwritten in this same call: send them
             # to the spare column, so that no two kept writes hit the same slot. (A call of at most `capacity`
             # values keeps them all: known from the shape, without reading the device.)
-            keep = rank >= per_group[group_ids] - self.capacity
-            slot = torch.where(keep, slot, self.capacity)
+            in_group = same.sum(dim=1) if pairwise else per_group[group_ids]
+            slot = torch.where(rank >= in_group - self.capacity, slot, self.capacity)
         self._slots[group_ids, slot] = values
-        self._position.add_(per_group).remainder_(self.capacity)
-        self._count.add_(per_group).clamp_(max=self.capacity)
+        if pairwise:
+            self._received.index_add_(0, group_ids, ones)
+        else:
+            self._received.add_(per_group)
 
-    def _rank_in_group(self, group_ids: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
-        """For every row, how many earlier rows of this call share its group (fixed shapes only)."""
-        n = group_ids.numel()
-        if n <= self.PAIRWISE_RANK_MAX_ROWS:
-            if self._earlier_mask is None or self._earlier_mask.shape[0] != n:  # batches keep their size
-                self._earlier_mask = torch.ones(n, n, dtype=torch.bool, device=group_ids.device).tril(-1)
-            return ((group_ids[:, None] == group_ids[None, :]) & self._earlier_mask).sum(dim=1)
+    def _pairwise_constants(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `[n, n]` mask of earlier rows (row i, column j < i) and n ones, kept while calls keep their size."""
+        if self._earlier_mask is None or self._earlier_mask.shape[0] != n:  # batches keep their size
+            self._earlier_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
+            self._ones = torch.ones(n, dtype=torch.long, device=device)
+        return self._earlier_mask, self._ones
+
+    @staticmethod
+    def _sorted_rank(group_ids: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
+        """For every row, how many earlier rows of this call share its group, by a stable sort."""
         order = torch.sort(group_ids, stable=True).indices
         first = torch.cumsum(per_group, 0) - per_group  # where each group starts in the sorted order
         rank = torch.empty_like(group_ids)
-        rank[order] = torch.arange(n, device=group_ids.device) - first[group_ids[order]]
+        rank[order] = torch.arange(group_ids.numel(), device=group_ids.device) - first[group_ids[order]]
         return rank
 
     @property
     def is_full(self) -> torch.Tensor:
         """Boolean `[num_groups]`: which buffers hold `capacity` values."""
-        return self.count >= self.capacity
+        return self._received[: self.num_groups] >= self.capacity
 
     def means(self) -> torch.Tensor:
         """Mean of each group's stored values, `[num_groups]` (0 for empty buffers)."""
         # Until a buffer wraps, its values sit in slots [0, count) and the other slots are still zero.
-        return self.values.sum(dim=1) / self.count.clamp(min=1)
+        return self.values.sum(dim=1) / self._received[: self.num_groups].clamp(1, self.capacity)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.clone(), "position": self.position.clone(), "count": self.count.clone()}
@@ -105,5 +117,6 @@ class ReplayBuffer:
                 f"{tuple(self.values.shape)} (num_groups, buffer_size): the groups or buffer_size changed."
             )
         self.values.copy_(state["values"])
-        self.position.copy_(state["position"])
-        self.count.copy_(state["count"])
+        # what the saved (position, count) say was received, modulo the full turns that nothing reads
+        count, position = state["count"].to(self._received), state["position"].to(self._received)
+        self._received[: self.num_groups] = torch.where(count < self.capacity, count, self.capacity + position)

@@ -8,7 +8,6 @@ there and read once per log (`StepMetrics`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -28,6 +27,7 @@ class ConstrainedStep:
     def __init__(self, problem: GroupConstrainedProblem, dual_optimizer: torch.optim.Optimizer | None) -> None:
         self.problem, self.dual_optimizer = problem, dual_optimizer
         self.metrics = StepMetrics(problem, constrained=dual_optimizer is not None)
+        self._ascent_lr = plain_ascent_lr(dual_optimizer)
         self._multipliers_before_step: torch.Tensor | None = None
         self._dual_state_before_step: list[torch.Tensor] = []
         self._dual_step_moved: torch.Tensor | None = None
@@ -86,36 +86,43 @@ class ConstrainedStep:
         if self.dual_optimizer is not None:  # NFT needs no estimates: its logs come from `StepMetrics`
             observed = held_out if held_out is not None else (group_ids, correct, per_sample.detach())
             self.problem.observe(*gather(*observed))
+        self.metrics.record(per_sample.detach(), correct, group_ids)
         if not active:
-            self.metrics.record(per_sample.detach(), correct, group_ids)
-            return per_sample.sum() * scale / step_group_counts.sum()
+            total = per_sample.sum() if scale == 1 else per_sample.sum() * scale
+            return total / step_group_counts.sum()
         # What Cooper's `compute_cmp_state` gives the dual and primal steps (strict violations, primal
         # Lagrangian), computed directly: `tests/test_constraints.py` checks both against Cooper's.
         problem = self.problem
-        gaps = problem.estimated_gaps()
         if update_duals:  # groups not ready: violation 0, their λ_g stays put
-            self._dual_step(torch.where(problem.ready, problem.strict_violations(gaps), 0.0))
-        self.metrics.record(per_sample.detach(), correct, group_ids, gaps)
+            self._dual_step(torch.where(problem.ready, problem.strict_violations(), 0.0))
         return problem.primal_lagrangian(per_sample, group_ids, step_group_counts, scale)
 
     def _dual_step(self, violations: torch.Tensor) -> None:
         """One ascent step of the multipliers on Cooper's dual Lagrangian λᵀ g (g: the strict violations, 0 for
         the groups not ready), whose gradient in λ is g: set directly, which saves an autograd pass per step
-        (`tests/test_constraints.py` checks it against Cooper's `compute_dual_lagrangian().backward()`)."""
+        (`tests/test_constraints.py` checks it against Cooper's `compute_dual_lagrangian().backward()`), then
+        Cooper's projection (`post_step_`: λ ≥ 0 for inequalities)."""
         problem, optimizer = self.problem, self.dual_optimizer
         weight = problem.multiplier.weight
+        state = dual_state_tensors(optimizer) if self._ascent_lr is None else []  # nuPI's ξ
+        # what undo_if_skipped (and, for nuPI, the rows not ready below) put back
         self._multipliers_before_step = weight.detach().clone()
-        self._dual_state_before_step = [t.clone() for t in dual_state_tensors(optimizer)]
+        self._dual_state_before_step = [t.clone() for t in state]
         # with no group ready, λ stays put and the step is not counted
-        self._dual_step_moved = problem.ready.any().long()
-        weight.grad = violations.detach().to(weight.dtype).reshape(weight.shape)
-        optimizer.step()
+        self._dual_step_moved = problem.ready.any()
+        violations = violations.detach().to(weight.dtype).reshape(weight.shape)
+        if self._ascent_lr is not None:
+            # the update of the plain SGD dual optimizer, λ ← λ + η g (maximize), without its per-call Python
+            # (hooks, parameter-group walk): a tenth of a millisecond a step inside a CPU run
+            weight.detach().add_(violations, alpha=self._ascent_lr())
+        else:
+            weight.grad = violations
+            optimizer.step()
         # A group not ready has violation 0: SGD leaves its λ_g exactly as it was (nothing to do), but nuPI's
         # proportional term would still move it (and decay its error memory); its row of λ and of the state is
         # put back.
-        if self._dual_state_before_step:
+        if state:
             with torch.no_grad():
-                weight = problem.multiplier.weight
                 weight.copy_(torch.where(problem.ready, weight, self._multipliers_before_step))
                 for now, before in zip(dual_state_tensors(optimizer), self._dual_state_before_step):
                     now.copy_(torch.where(problem.ready, now, before))
@@ -132,7 +139,7 @@ class ConstrainedStep:
                 self.problem.multiplier.weight.copy_(before)
                 for now, saved in zip(dual_state_tensors(self.dual_optimizer), state_before):
                     now.copy_(saved)
-            self.problem.dual_step_count -= self._dual_step_moved
+            self.problem.dual_step_count -= self._dual_step_moved.long()
 
 
 def build_dual_optimizer(
@@ -157,6 +164,17 @@ def build_dual_optimizer(
     return optimizer
 
 
+def plain_ascent_lr(optimizer: torch.optim.Optimizer | None) -> Callable[[], float] | None:
+    """For a plain SGD ascent optimizer (one parameter group, maximize, no momentum, dampening, weight decay or
+    Nesterov: what `build_dual_optimizer("sgd", ...)` makes), a reader of its current learning rate (a scheduler
+    may change it); None for any other optimizer, which `_dual_step` then steps itself."""
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    plain = group["maximize"] and not (group["momentum"] or group["weight_decay"] or group["nesterov"])
+    return (lambda: float(group["lr"])) if plain else None
+
+
 def dual_optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     """`"sgd"` or `"nupi"`: the `dual_optimizer` setting that builds `optimizer`."""
     return "nupi" if isinstance(optimizer, nuPI) else "sgd"
@@ -176,13 +194,14 @@ def dual_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Te
 
 
 class StepMetrics:
-    """The training-log metrics, summed on the device step after step and read once per log (`flush`).
+    """The training-log metrics: what each step adds is summed on the device, and read once per log (`flush`).
 
-    Every method: `ce_loss` (a NaN stays NaN, for `NonFiniteGuard`) and `max_excess_gap_window`, the largest
-    ψ_g of the model's training predictions since the last log (this process's batches, summed over processes
-    at the log). With constraints, also what the dual step sees: the largest estimated gap
-    (`max_excess_gap_estimate`, or `max_loss_gap_estimate` for EL) over the ready groups, `multiplier_mean`,
-    `multiplier_max` and `full_buffers`, averaged over the steps where they are defined."""
+    Every method: `ce_loss`, the mean cross-entropy of the micro-batches since the last log (a NaN stays NaN,
+    for `NonFiniteGuard`), and `max_excess_gap_window`, the largest ψ_g of the model's training predictions since
+    the last log (this process's batches, summed over processes at the log). With constraints, also the state
+    the last dual step left, read at the log as the Trainer reads `learning_rate`: the largest estimated gap over
+    the ready groups (`max_excess_gap_estimate`, or `max_loss_gap_estimate` for EL; none while no group is
+    ready), `multiplier_mean`, `multiplier_max` and `full_buffers` (the groups whose estimates are ready)."""
 
     def __init__(self, problem: GroupConstrainedProblem, constrained: bool) -> None:
         self.problem, self.constrained = problem, constrained
@@ -191,41 +210,18 @@ class StepMetrics:
             "max_excess_gap_estimate" if isinstance(problem, ExcessAccuracyGapProblem) else "max_loss_gap_estimate"
         )
         self.window = torch.zeros(2, problem.num_groups, device=device)  # [correct, seen] per group
-        self.sums = torch.zeros(5, device=device)  # ce_loss, gap estimate, multiplier mean/max, full buffers
-        self.counts = torch.zeros(5, device=device)
-        # a non-finite cross-entropy is a broken step: it is kept (the others' -inf means "not defined yet")
-        self.always = torch.tensor([True, False, False, False, False], device=device)
+        self.ce_sum = torch.zeros((), device=device)
+        self.micro_batches = 0  # recorded since the last log
 
     @torch.no_grad()
-    def record(
-        self,
-        per_sample_loss: torch.Tensor,
-        correct: torch.Tensor,
-        group_ids: torch.Tensor,
-        gaps: torch.Tensor | None = None,
-    ) -> None:
-        """Add one micro-batch. `gaps`: the estimated gaps of this step, if the problem computed them already."""
+    def record(self, per_sample_loss: torch.Tensor, correct: torch.Tensor, group_ids: torch.Tensor) -> None:
+        """Add one micro-batch."""
         rows = torch.stack([correct.float(), torch.ones_like(per_sample_loss, dtype=torch.float)])
         self.window.index_add_(1, group_ids.long(), rows)
-        ce = per_sample_loss.float().mean()
-        if not self.constrained:
-            self.sums[0] += ce
-            self.counts[0] += 1
-            return
-        problem = self.problem
-        multipliers = problem.multiplier.weight.detach()
-        gaps = problem.estimated_gaps() if gaps is None else gaps
-        values = torch.stack([
-            ce,
-            torch.where(problem.ready, gaps, float("-inf")).max(),
-            multipliers.mean(),
-            multipliers.max(),
-            problem.ready.sum(),  # promoted to float by the stack
-        ])  # fmt: skip
-        defined = torch.isfinite(values) | self.always
-        self.sums += torch.where(defined, values, 0.0)
-        self.counts += defined
+        self.ce_sum += per_sample_loss.float().mean()
+        self.micro_batches += 1
 
+    @torch.no_grad()
     def flush(self, accelerator) -> dict[str, float]:
         window = self.window
         if accelerator.num_processes > 1:
@@ -237,14 +233,26 @@ class StepMetrics:
             reference["group_weights"],
             window[1] > 0,
         )
-        window_max = torch.where(window[1] > 0, psi, float("-inf")).max().reshape(1)
-        values = torch.cat([self.sums, self.counts, window_max]).tolist()  # the one read from the device
-        sums, counts, window_max = values[:5], values[5:10], values[10]
-        names = ["ce_loss", self.gap_name, "multiplier_mean", "multiplier_max", "full_buffers"]
-        logs = {name: s / c for name, s, c in zip(names, sums, counts) if c > 0}
-        if math.isfinite(window_max):
-            logs["max_excess_gap_window"] = window_max
+        values = [self.ce_sum, torch.where(window[1] > 0, psi, float("-inf")).max()]
+        names = ["ce_loss", "max_excess_gap_window"]
+        if self.constrained:
+            problem = self.problem
+            multipliers = problem.multiplier.weight.detach().float()
+            values += [
+                torch.where(problem.ready, problem.estimated_gaps(), float("-inf")).max(),
+                multipliers.mean(),
+                multipliers.max(),
+                problem.ready.sum(),
+            ]
+            names += [self.gap_name, "multiplier_mean", "multiplier_max", "full_buffers"]
+        read = torch.stack([v.float() for v in values]).tolist()  # the one read from the device
+        logs = dict(zip(names, read))
+        if self.micro_batches:
+            logs["ce_loss"] /= self.micro_batches
+        else:
+            del logs["ce_loss"]
+        logs = {name: value for name, value in logs.items() if value != float("-inf")}  # none defined yet
         self.window.zero_()
-        self.sums.zero_()
-        self.counts.zero_()
+        self.ce_sum.zero_()
+        self.micro_batches = 0
         return logs
