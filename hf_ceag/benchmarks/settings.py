@@ -39,7 +39,7 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "dense_epochs": recipe.default("dense_epochs"),
         "overhead_steps": 60,
         "warmup_steps": 10,
-        "repeats": 9,  # this 2-core VM moves whole runs by ±10 %: more interleaved rounds for the median
+        "repeats": 15,  # this 2-core VM moves whole runs by ±10 %: many interleaved rounds for the medians
         "groups": [10, 100, 1000, 10000],
         "scaling_steps": 60,
         "scaling_repeats": 5,
