@@ -7,7 +7,7 @@ The Trainer's own loop runs unchanged. This class overrides only:
 * `training_step`: masks the pruned weights' gradients after the backward pass, before clipping;
 * `create_optimizer`: attaches the pruning masks to the optimizer (pruned weights zeroed after each step);
 * `train`: computes the dense reference and the step schedule before the first step;
-* `log`: adds the constraint metrics accumulated since the last log;
+* `log`: adds the constraint metrics (summed since the last log, and the dual state as the log finds it);
 * `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: per-group metrics, reports and cards.
 
 Each concern lives with its owner: the constrained step in `constraints.step`, the pruning schedule and FairGRAPE

@@ -143,7 +143,6 @@ def test_a_run_is_timed_by_its_median_step_and_a_ratio_by_the_median_of_paired_r
     ceag, nft = [1.10, 2.25, 1.04], [1.00, 2.00, 1.01]
     ratio, rounds = paired_ratio(ceag, nft)
     assert rounds == pytest.approx([1.10, 1.125, 1.04 / 1.01]) and ratio == pytest.approx(1.10)
-    assert ceag[0] / nft[0] != pytest.approx(sorted(ceag)[1] / sorted(nft)[1])  # 1.10 against 1.089
     with pytest.raises(ValueError, match="paired_ratio: 2 and 3 rounds"):
         paired_ratio([1.0, 1.0], nft)
 

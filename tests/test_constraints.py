@@ -261,13 +261,13 @@ def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dua
     assert moved >= 4 and problem.multipliers_tensor().abs().sum() > 0
 
 
-def random_steps(step, steps, seed=0, lr_from=None):
-    """`steps` dual steps of `step` on random batches of 3 groups (group 2 from step 3 on); from step `lr_from`
-    on, the dual learning rate is set to 0.25 (as a scheduler would). The multipliers after each step."""
+def random_steps(step, steps, seed=0, before_step=None):
+    """`steps` dual steps of `step` on random batches of 3 groups (group 2 from step 3 on), calling
+    `before_step(t)` first if given. The multipliers after each step."""
     generator, multipliers = torch.Generator().manual_seed(seed), []
     for t in range(steps):
-        if t == lr_from:
-            step.dual_optimizer.param_groups[0]["lr"] = 0.25
+        if before_step is not None:
+            before_step(step, t)
         ids = torch.tensor([0, 0, 1, 1, 2] if t >= 3 else [0, 0, 1, 1])
         correct = (torch.rand(len(ids), generator=generator) < 0.6).float()
         losses = torch.rand(len(ids), generator=generator, requires_grad=True)
@@ -278,36 +278,56 @@ def random_steps(step, steps, seed=0, lr_from=None):
     return multipliers
 
 
+class SteppedSGD(torch.optim.SGD):
+    """Plain SGD that `ConstrainedStep` does not recognise: its own `step()` runs."""
+
+
+def resume_then_reschedule(step, t):
+    # step 4: a resume, loading a checkpoint's dual optimizer (its rate 0.3); step 7: a scheduler sets 0.25
+    optimizer = step.dual_optimizer
+    if t == 4:
+        saved = optimizer.state_dict()
+        saved["param_groups"][0]["lr"] = 0.3
+        optimizer.load_state_dict(saved)
+    if t == 7:
+        optimizer.param_groups[0]["lr"] = 0.25
+
+
 @pytest.mark.parametrize("problem_kind", ["ceag", "el"])
 def test_the_plain_sgd_ascent_equals_the_optimizers_step_bit_for_bit(problem_kind):
     """The dual step applies plain SGD's update itself; `torch.optim.SGD.step()` gives the same multipliers, bit
-    for bit, also after the learning rate changes between steps."""
+    for bit, also after a resume loads another learning rate and after a scheduler changes it."""
 
-    def make(skip_the_shortcut):
+    def make(optimizer_class):
         if problem_kind == "ceag":
             problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
         else:
             problem = EqualizedLossProblem(reference(), buffer_size=2)
-        step = ConstrainedStep(problem, build_dual_optimizer("sgd", problem.dual_parameters(), 0.5))
-        if skip_the_shortcut:
-            step._ascent_lr = None  # the optimizer steps
-        return step
+        return ConstrainedStep(problem, optimizer_class(problem.dual_parameters(), lr=0.5, maximize=True))
 
-    direct, stepped = make(False), make(True)
-    assert direct._ascent_lr is not None and direct._ascent_lr() == 0.5
-    ours, theirs = random_steps(direct, 10, lr_from=6), random_steps(stepped, 10, lr_from=6)
+    direct, stepped = make(torch.optim.SGD), make(SteppedSGD)
+    assert plain_ascent_lr(direct.dual_optimizer) == 0.5 and plain_ascent_lr(stepped.dual_optimizer) is None
+    ours = random_steps(direct, 10, before_step=resume_then_reschedule)
+    theirs = random_steps(stepped, 10, before_step=resume_then_reschedule)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert not torch.equal(ours[5], ours[9]) and ours[-1].abs().sum() > 0
+    lam = [m.tolist() for m in ours]
+    assert len({tuple(m) for m in lam[4:]}) > 3 and ours[-1].abs().sum() > 0  # still moving after the resume
     assert stepped.problem.multiplier.weight.grad is not None and direct.problem.multiplier.weight.grad is None
+    # the rates did reach the step: with the resume's rate ignored (0.5 kept), the multipliers differ
+    ignored = make(torch.optim.SGD)
+    unchanged = random_steps(ignored, 10)
+    assert torch.equal(unchanged[3], ours[3]) and not torch.equal(unchanged[-1], ours[-1])
 
 
 def test_only_plain_sgd_takes_the_shortcut():
     weight = [torch.nn.Parameter(torch.zeros(3))]
-    assert plain_ascent_lr(torch.optim.SGD(weight, lr=0.1, maximize=True))() == pytest.approx(0.1)
+    assert plain_ascent_lr(torch.optim.SGD(weight, lr=0.1, maximize=True)) == pytest.approx(0.1)
     for other in (
         torch.optim.SGD(weight, lr=0.1),  # descent
         torch.optim.SGD(weight, lr=0.1, maximize=True, momentum=0.9),
         torch.optim.SGD(weight, lr=0.1, maximize=True, weight_decay=0.1),
+        torch.optim.SGD(weight, lr=torch.tensor(0.1), maximize=True),  # reading it could synchronise a GPU
+        SteppedSGD(weight, lr=0.1, maximize=True),
         build_dual_optimizer("nupi", weight, 0.1),
         None,
     ):
@@ -356,13 +376,15 @@ def test_step_metrics_against_a_plain_loop():
     lost = [dense[g] - right[g] / seen[g] for g in range(3)]
     overall = sum(share[g] * lost[g] for g in range(3)) / sum(share)
     lam = problem.multipliers_tensor().tolist()
-    ready = problem.ready.tolist()
-    assert ready == [True, True, False]
-    estimate = problem.estimated_gaps().tolist()
+    assert problem.ready.tolist() == [True, True, False]
+    # the estimates by hand: the last 3 correctness values of groups 0 and 1 (group 2 has seen one: not ready)
+    last = {g: [c for ids, correct, _ in batches for i, c in zip(ids, correct) if i == g][-3:] for g in (0, 1)}
+    lost_estimate = {g: 0.9 - sum(values) / 3 for g, values in last.items()}
+    overall_estimate = sum(lost_estimate.values()) / 2  # equal training shares
     assert logs == pytest.approx({
         "ce_loss": ce,
         "max_excess_gap_window": max(lost[g] - overall for g in range(3)),
-        "max_excess_gap_estimate": max(estimate[g] for g in range(3) if ready[g]),
+        "max_excess_gap_estimate": max(value - overall_estimate for value in lost_estimate.values()),
         "multiplier_mean": sum(lam) / 3,
         "multiplier_max": max(lam),
         "full_buffers": 2,

@@ -46,9 +46,10 @@ class StepTimer(TrainerCallback):
         return [end - start for start, end in itertools.pairwise(steady)]
 
     def seconds_per_step(self) -> float:
-        """The median duration of the steps after the warm-up: a step the machine stalled (this 2-core VM
-        moves single steps by ±15 %) does not move it. A cost paid only once per `logging_steps` (the one read of
-        the logged metrics) is left out with the other outliers."""
+        """The median duration of the steps after the warm-up: the typical step, which a step the machine stalled
+        (this 2-core VM moves single steps by ±15 %) does not move. A cost paid on fewer than half the steps is left
+        out with the stalls: the log every `logging_steps` (CEAG's one read of its metrics), a new epoch's
+        dataloader."""
         return statistics.median(self.step_seconds())
 
 

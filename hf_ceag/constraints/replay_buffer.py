@@ -43,12 +43,12 @@ class ReplayBuffer:
 
     @property
     def position(self) -> torch.Tensor:
-        """Each group's next slot, `[num_groups]`."""
+        """Each group's next slot, `[num_groups]` (a copy: read-only)."""
         return self._received[: self.num_groups] % self.capacity
 
     @property
     def count(self) -> torch.Tensor:
-        """How many values each group holds (at most `capacity`), `[num_groups]`."""
+        """How many values each group holds (at most `capacity`), `[num_groups]` (a copy: read-only)."""
         return self._received[: self.num_groups].clamp(max=self.capacity)
 
     @torch.no_grad()
