@@ -167,8 +167,9 @@ def build_dual_optimizer(
 
 def plain_ascent_lr(optimizer: torch.optim.Optimizer | None) -> float | None:
     """The learning rate of a plain SGD ascent optimizer (one parameter group, maximize, no momentum, weight decay
-    or Nesterov, a number for its rate: what `build_dual_optimizer("sgd", ...)` makes), read as it is now (a resume or a
-    scheduler may have changed it); None for any other optimizer, whose own `step()` `_dual_step` then calls."""
+    or Nesterov, a number for its rate: what `build_dual_optimizer("sgd", ...)` makes), read as it is now (a
+    resume or a scheduler may have changed it); None for any other optimizer, whose own `step()` `_dual_step`
+    then calls."""
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return None
     group = optimizer.param_groups[0]
