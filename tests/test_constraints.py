@@ -261,7 +261,7 @@ def test_the_dual_step_equals_coopers_dual_lagrangian_backward(problem_kind, dua
     assert moved >= 4 and problem.multipliers_tensor().abs().sum() > 0
 
 
-def random_steps(step, steps, seed=0, before_step=None):
+def random_steps(step, steps, seed=0, before_step=None, device="cpu"):
     """`steps` dual steps of `step` on random batches of 3 groups (group 2 from step 3 on), calling
     `before_step(t)` first if given. The multipliers after each step."""
     generator, multipliers = torch.Generator().manual_seed(seed), []
@@ -270,8 +270,10 @@ def random_steps(step, steps, seed=0, before_step=None):
             before_step(step, t)
         ids = torch.tensor([0, 0, 1, 1, 2] if t >= 3 else [0, 0, 1, 1])
         correct = (torch.rand(len(ids), generator=generator) < 0.6).float()
-        losses = torch.rand(len(ids), generator=generator, requires_grad=True)
+        losses = torch.rand(len(ids), generator=generator)
         counts = torch.bincount(ids, minlength=3)
+        ids, correct, losses, counts = (x.to(device) for x in (ids, correct, losses, counts))
+        losses.requires_grad_()
         step.loss(losses, correct, ids, counts, 1, active=True, update_duals=True, gather=lambda *b: b)
         step.undo_if_skipped(False)
         multipliers.append(step.problem.multipliers_tensor())
@@ -293,29 +295,33 @@ def resume_then_reschedule(step, t):
         optimizer.param_groups[0]["lr"] = 0.25
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA, SGD takes its foreach path
 @pytest.mark.parametrize("problem_kind", ["ceag", "el"])
-def test_the_plain_sgd_ascent_equals_the_optimizers_step_bit_for_bit(problem_kind):
+def test_the_plain_sgd_ascent_equals_the_optimizers_step_bit_for_bit(problem_kind, device):
     """The dual step applies plain SGD's update itself; `torch.optim.SGD.step()` gives the same multipliers, bit
     for bit, also after a resume loads another learning rate and after a scheduler changes it."""
 
     def make(optimizer_class):
         if problem_kind == "ceag":
-            problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02)
+            problem = ExcessAccuracyGapProblem(reference(), buffer_size=2, tolerance=0.02, device=device)
         else:
-            problem = EqualizedLossProblem(reference(), buffer_size=2)
+            problem = EqualizedLossProblem(reference(), buffer_size=2, device=device)
         return ConstrainedStep(problem, optimizer_class(problem.dual_parameters(), lr=0.5, maximize=True))
 
     direct, stepped = make(torch.optim.SGD), make(SteppedSGD)
     assert plain_ascent_lr(direct.dual_optimizer) == 0.5 and plain_ascent_lr(stepped.dual_optimizer) is None
-    ours = random_steps(direct, 10, before_step=resume_then_reschedule)
-    theirs = random_steps(stepped, 10, before_step=resume_then_reschedule)
+    ours = random_steps(direct, 10, before_step=resume_then_reschedule, device=device)
+    theirs = random_steps(stepped, 10, before_step=resume_then_reschedule, device=device)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     lam = [m.tolist() for m in ours]
     assert len({tuple(m) for m in lam[4:]}) > 3 and ours[-1].abs().sum() > 0  # still moving after the resume
     assert stepped.problem.multiplier.weight.grad is not None and direct.problem.multiplier.weight.grad is None
     # the rates did reach the step: with the resume's rate ignored (0.5 kept), the multipliers differ
     ignored = make(torch.optim.SGD)
-    unchanged = random_steps(ignored, 10)
+    unchanged = random_steps(ignored, 10, device=device)
     assert torch.equal(unchanged[3], ours[3]) and not torch.equal(unchanged[-1], ours[-1])
 
 
