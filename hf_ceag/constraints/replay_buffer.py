@@ -38,18 +38,19 @@ class ReplayBuffer:
         self.values = self._slots[:num_groups, :capacity]
         # how many values each group has received in all (next slot: modulo capacity; held: at most capacity)
         self._received = torch.zeros(num_groups + 1, dtype=torch.long, device=device)
+        self._group_received = self._received[:num_groups]  # the view without the padding's row
         self._earlier_mask: torch.Tensor | None = None
         self._ones: torch.Tensor | None = None
 
     @property
     def position(self) -> torch.Tensor:
         """Each group's next slot, `[num_groups]` (a copy: read-only)."""
-        return self._received[: self.num_groups] % self.capacity
+        return self._group_received % self.capacity
 
     @property
     def count(self) -> torch.Tensor:
         """How many values each group holds (at most `capacity`), `[num_groups]` (a copy: read-only)."""
-        return self._received[: self.num_groups].clamp(max=self.capacity)
+        return self._group_received.clamp(max=self.capacity)
 
     @torch.no_grad()
     def update(self, group_ids: torch.Tensor, values: torch.Tensor) -> None:
@@ -100,15 +101,15 @@ class ReplayBuffer:
     @property
     def is_full(self) -> torch.Tensor:
         """Boolean `[num_groups]`: which buffers hold `capacity` values."""
-        return self._received[: self.num_groups] >= self.capacity
+        return self._group_received >= self.capacity
 
     def means(self) -> torch.Tensor:
         """Mean of each group's stored values, `[num_groups]` (0 for empty buffers)."""
         # Until a buffer wraps, its values sit in slots [0, count) and the other slots are still zero.
-        return self.values.sum(dim=1) / self._received[: self.num_groups].clamp(1, self.capacity)
+        return self.values.sum(dim=1) / self._group_received.clamp(1, self.capacity)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values.clone(), "position": self.position.clone(), "count": self.count.clone()}
+        return {"values": self.values.clone(), "position": self.position, "count": self.count}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if tuple(state["values"].shape) != tuple(self.values.shape):
@@ -119,4 +120,4 @@ class ReplayBuffer:
         self.values.copy_(state["values"])
         # what the saved (position, count) say was received, modulo the full turns that nothing reads
         count, position = state["count"].to(self._received), state["position"].to(self._received)
-        self._received[: self.num_groups] = torch.where(count < self.capacity, count, self.capacity + position)
+        self._group_received.copy_(torch.where(count < self.capacity, count, self.capacity + position))
