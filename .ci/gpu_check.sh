@@ -2,7 +2,8 @@
 # The GPU checks of issue 11 in one go, for the lent GPU machine (see ../shared/gpu/README.md), each step with
 # its own time limit, so that a slow step loses only itself:
 #   1. the device section of BENCHMARKS.md: plain / NFT / CEAG step times on ResNet-50 at 224 px, bf16, batch
-#      128 (REPEATS interleaved rounds), and FairGRAPE's selection at 10 and 100 groups against the reference;
+#      128 (REPEATS interleaved rounds), torch.profiler's device time per op for each (--device_profile), and
+#      FairGRAPE's selection at 10 and 100 groups against the reference;
 #   2. the same overhead part with --torch_compile true (one round: each compiled run compiles again);
 #   3. the CUDA-only tests (sync debug mode, a real fp16 skipped step, the SGD shortcut's foreach case, the
 #      lockstep FairGRAPE selection) and the whole suite on CUDA in four shards, all side by side (the timed
@@ -25,7 +26,7 @@ stamp "start"
 
 MODEL=${MODEL_ARGS:---model resnet50 --image_size 224 --per_device_train_batch_size 128 --bf16 true --dataloader_num_workers 4}
 BENCH=(python3 scripts/benchmark.py --device_section --quick $MODEL --work_dir /tmp/gpu-bench)
-timeout 200 "${BENCH[@]}" --repeats "$REPEATS" --output "$LOGS/gpu_section.md" > "$LOGS/bench.log" 2>&1
+timeout 230 "${BENCH[@]}" --repeats "$REPEATS" --device_profile --output "$LOGS/gpu_section.md" > "$LOGS/bench.log" 2>&1
 stamp "device section rc=$?"
 timeout 160 "${BENCH[@]}" --torch_compile_kinds --repeats 1 --fairgrape_groups \
     --output "$LOGS/gpu_section_compile.md" > "$LOGS/bench_compile.log" 2>&1
@@ -34,9 +35,10 @@ stamp "compiled section rc=$?"
 CUDA_TESTS=(tests/test_cuda.py
             "tests/test_fairgrape.py::test_layers_selected_in_lockstep_equal_the_greedy_one_layer_at_a_time"
             "tests/test_constraints.py::test_the_plain_sgd_ascent_equals_the_optimizers_step_bit_for_bit")
+# balanced by what each took on the H200 at 828ee0b (the third shard then held test_audit_publish too: 236 s)
 SHARDS=("tests/test_scale_out.py tests/test_end_to_end.py"
-        "tests/test_bad_inputs.py tests/test_readme.py"
-        "tests/test_benchmark.py tests/test_trainer.py tests/test_audit_publish.py")
+        "tests/test_bad_inputs.py tests/test_readme.py tests/test_audit_publish.py"
+        "tests/test_benchmark.py tests/test_trainer.py")
 REST=$(ls tests/test_*.py | grep -v -e test_scale_out -e test_end_to_end -e test_bad_inputs -e test_readme \
        -e test_benchmark.py -e test_trainer -e test_audit_publish | tr '\n' ' ')
 SHARDS+=("$REST")

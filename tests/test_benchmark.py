@@ -134,3 +134,36 @@ def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
     }
     assert set(rows) >= {"NFT", "CEAG, held-out duals (20% of rows)", "CEAG, nuPI duals, dual lr 1"}
     assert all(math.isfinite(v) for values in rows.values() for v in values)
+
+
+def test_device_profile_sees_the_two_mask_passes_nft_adds_to_each_step(tiny_model, digits, make_config):
+    """`torch.profiler` over a plain `Trainer` and NFT on the same model and steps: NFT makes exactly two more
+    fused multiplies a step (the gradients' masks after the backward pass, the weights' after the optimizer
+    step); whatever else uses `_foreach_mul_` (on CUDA: SGD's foreach path, clipping) is the same on both."""
+    from hf_ceag.benchmarks.profiling import device_profile
+
+    config = make_config(mitigation="none", max_steps=9, pruning_start_epoch=0.0, pruning_end_epoch=0.0)
+    calls = {}
+    for kind in ("plain", "nft"):
+        times, steps, seconds = device_profile(kind, tiny_model, config, digits["train"], warmup=3)
+        assert steps == 6 and seconds > 0 and sum(spent for _, spent in times.values()) > 0
+        calls[kind] = times.get("aten::_foreach_mul_", (0, 0.0))[0]
+    assert calls["nft"] - calls["plain"] == 2 * 6, calls
+
+
+def test_device_section_with_its_profile_runs_on_any_machine(tmp_path, capsys):
+    """`--device_section` end to end (on a CPU machine it measures the CPU): part 2 with the device profile
+    of each eager configuration, no FairGRAPE part, and the headline ratios as the last line."""
+    output = tmp_path / "section.md"
+    values = benchmark.main(
+        ["--device_section", "--quick", "--repeats", "1", "--fairgrape_groups", "--device_profile",
+         "--output", str(output), "--work_dir", str(tmp_path / "work")]
+    )  # fmt: skip
+    text = output.read_text()
+    assert text.startswith("## Measured on ") and "## 2. Overhead per step" in text and "FairGRAPE" not in text
+    profile = text.split("### Device profile")[1]
+    (busy,) = [line for line in profile.splitlines() if line.startswith("| **all ops** |")]
+    assert len(_numbers(busy)) == 3 and all(x > 0 for x in _numbers(busy)), busy
+    assert sum(line.startswith("| `") for line in profile.splitlines()) == 15
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert set(dict(pair.split("=") for pair in last.split())) == set(values)

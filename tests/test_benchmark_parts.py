@@ -21,7 +21,7 @@ from hf_ceag.benchmarks.formatting import cell, percent
 from hf_ceag.benchmarks.memory import memory_section
 from hf_ceag.benchmarks.methods import method_reading, method_table
 from hf_ceag.benchmarks.overhead import overhead_section
-from hf_ceag.benchmarks.profiling import profile_markdown
+from hf_ceag.benchmarks.profiling import device_profile_markdown, profile_markdown
 from hf_ceag.benchmarks.recipe import Recipe
 from hf_ceag.benchmarks.scaling import fairgrape_markdown
 from hf_ceag.benchmarks.settings import parse_settings
@@ -307,3 +307,24 @@ def test_every_part_of_a_step_the_profile_names_is_a_function_of_that_file():
         functions = [f for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__
                      for name, f in vars(cls).items() if name == function]  # fmt: skip
         assert functions, (path, function)
+
+
+def test_device_profile_markdown_sums_each_configuration_and_ranks_ops_by_their_difference():
+    # (op -> (calls, µs) over all profiled steps), steps, wall seconds per step
+    plain = ({"aten::convolution": (40, 4000.0), "aten::add_": (10, 100.0)}, 10, 0.0005)
+    nft = ({"aten::convolution": (40, 4010.0), "aten::add_": (10, 100.0), "aten::_foreach_mul_": (20, 300.0)}, 10,
+           0.00055)  # fmt: skip
+    ceag = ({"aten::convolution": (40, 3990.0), "aten::add_": (10, 100.0), "aten::_foreach_mul_": (20, 300.0),
+             "aten::index_add_": (30, 600.0)}, 10, 0.0006)  # fmt: skip
+    labels = {"plain": "plain Trainer", "nft": "NFT", "ceag": "CEAG"}
+    text = device_profile_markdown({"plain": plain, "nft": nft, "ceag": ceag}, labels, top=3)
+    assert "| op | plain Trainer µs/step (calls) | NFT µs/step (calls) | CEAG µs/step (calls) |" in text
+    assert "| **all ops** | 410 | 441 | 499 |" in text  # (4000 + 100) / 10, (4010 + 100 + 300) / 10, ...
+    assert "| **wall clock** | 500 | 550 | 600 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows == [  # by the largest difference from the plain Trainer's, in any configuration
+        "| `aten::index_add_` | 0.0 (0) | 0.0 (0) | 60.0 (3) |",
+        "| `aten::_foreach_mul_` | 0.0 (0) | 30.0 (2) | 30.0 (2) |",
+        "| `aten::convolution` | 400.0 (4) | 401.0 (4) | 399.0 (4) |",
+    ]
+    assert "the 3 ops whose time per step differs most from the plain Trainer's" in text

@@ -9,7 +9,7 @@ from typing import Any
 
 from hf_ceag import CEAGConfig
 from hf_ceag.benchmarks.formatting import verdict
-from hf_ceag.benchmarks.profiling import profile, profile_markdown
+from hf_ceag.benchmarks.profiling import device_profile, device_profile_markdown, profile, profile_markdown
 from hf_ceag.benchmarks.settings import TARGETS
 from hf_ceag.benchmarks.timing import fine_tune_args, paired_ratio, pruned_model, train_timed
 
@@ -85,6 +85,17 @@ def overhead(settings, context: dict, work: str) -> dict[str, Any]:
                 profiled[kind] = profile(kind, model, args, train, settings.warmup_steps)
         pair = {kind: profiled[kind] for kind in (denominator, numerator)}
         result["profiles"][key] = profile_markdown(pair, SHORT_LABELS, numerator)
+    if getattr(settings, "device_profile", False):  # --device_profile: device time per op, eager kinds
+        try:
+            traced = {
+                kind: device_profile(
+                    kind, model, args_for(kind, settings.overhead_steps), train, settings.warmup_steps
+                )
+                for kind in OVERHEAD_KINDS
+            }
+            result["profiles"]["device"] = device_profile_markdown(traced, SHORT_LABELS)
+        except (RuntimeError, AttributeError) as error:  # a diagnosis only: keep the timings, say why not
+            result["profiles"]["device"] = f"`torch.profiler` failed: {type(error).__name__}: {error}"
     return result
 
 
@@ -131,5 +142,6 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
             f"{min(spread):.3f}–{max(spread):.3f})"
         )
     for key, explanation in over["profiles"].items():
-        lines += ["", f"### Profile: {key} missed its target", "", explanation]
+        title = "Device profile" if key == "device" else f"Profile: {key} missed its target"
+        lines += ["", f"### {title}", "", explanation]
     return "\n".join(lines)

@@ -145,6 +145,12 @@ def parse_settings(
         "--torch_compile_kinds", action="store_true", help="Also time plain and CEAG with --torch_compile true."
     )
     parser.add_argument(
+        "--device_profile",
+        action="store_true",
+        help="Also profile one more run of plain, NFT and CEAG with torch.profiler (device time per op, side by "
+        "side) into part 2 (for the device section on a GPU).",
+    )
+    parser.add_argument(
         "--generalisation_section",
         action="store_true",
         help="Only part 5 (held-out duals and nuPI against CEAG and NFT on the default recipe, over "

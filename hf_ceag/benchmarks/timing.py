@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import statistics
 import time
+from typing import Any
 
 import datasets
 import torch
@@ -25,9 +26,10 @@ def synchronize() -> None:
 
 
 class StepTimer(TrainerCallback):
-    """Wall-clock time at the end of every optimizer step; optionally profiles the steps after the warm-up."""
+    """Wall-clock time at the end of every optimizer step; optionally profiles the steps after the warm-up with
+    `profiler` (a `cProfile.Profile`, or anything with its `enable()` and `disable()`)."""
 
-    def __init__(self, warmup: int, profiler: cProfile.Profile | None = None) -> None:
+    def __init__(self, warmup: int, profiler: cProfile.Profile | Any | None = None) -> None:
         self.warmup, self.profiler, self.times = warmup, profiler, []
 
     def on_step_end(self, args, state, control, **kwargs):
