@@ -14,6 +14,7 @@ from hf_ceag.benchmarks.settings import TARGETS
 from hf_ceag.benchmarks.timing import fine_tune_args, paired_ratio, pruned_model, train_timed
 
 OVERHEAD_KINDS = ("plain", "nft", "ceag")
+PROFILED_STEPS = 10  # steps after the warm-up under torch.profiler (a ResNet-50 step is thousands of events)
 COMPILED_KINDS = ("plain+compile", "ceag+compile")  # with --torch_compile_kinds (the device section)
 SHORT_LABELS = {"plain": "plain Trainer", "nft": "NFT", "ceag": "CEAG"}
 # ratio key -> (numerator, denominator) configurations
@@ -86,11 +87,10 @@ def overhead(settings, context: dict, work: str) -> dict[str, Any]:
         pair = {kind: profiled[kind] for kind in (denominator, numerator)}
         result["profiles"][key] = profile_markdown(pair, SHORT_LABELS, numerator)
     if getattr(settings, "device_profile", False):  # --device_profile: device time per op, eager kinds
+        steps = min(settings.overhead_steps, settings.warmup_steps + PROFILED_STEPS)
         try:
             traced = {
-                kind: device_profile(
-                    kind, model, args_for(kind, settings.overhead_steps), train, settings.warmup_steps
-                )
+                kind: device_profile(kind, model, args_for(kind, steps), train, settings.warmup_steps)
                 for kind in OVERHEAD_KINDS
             }
             result["profiles"]["device"] = device_profile_markdown(traced, SHORT_LABELS)
