@@ -114,3 +114,32 @@ def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(make_optimizer
 def test_model_without_prunable_layers_is_refused():
     with pytest.raises(ValueError, match="no prunable layers"):
         MagnitudePruner(prunable_parameters(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2)), True), "layerwise")
+
+
+def test_measured_sparsity_counts_zeros_by_hand_and_reads_the_device_once():
+    from torch.overrides import TorchFunctionMode
+
+    from hf_ceag.pruning.magnitude import measured_sparsity
+
+    reads = []
+    host = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+            torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}  # fmt: skip
+
+    class Reads(TorchFunctionMode):  # every way a tensor's value reaches the host (a sync each on a GPU)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in host:
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    weights = {
+        "a": torch.tensor([[0.0, 1.0], [0.0, -0.0]]),
+        "b": torch.tensor([0.0, 2.0, 3.0]),
+        "c": torch.zeros(5),
+    }
+    with Reads():
+        overall, per_weight = measured_sparsity(weights)
+    assert reads == ["tolist"]
+    assert overall == (3 + 1 + 5) / 12  # -0.0 is a zero
+    assert per_weight == {"a": 3 / 4, "b": 1 / 3, "c": 1.0}
+    with pytest.raises(ValueError, match="no weights given"):
+        measured_sparsity({})

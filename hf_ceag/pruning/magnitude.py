@@ -42,11 +42,19 @@ def sparsity_definition(keep_first_last_dense: bool, num_layers: int) -> str:
     return f"fraction of exactly zero weights over the {num_layers} {layers} (the layers hf-ceag prunes)"
 
 
+@torch.no_grad()
 def measured_sparsity(parameters: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
-    """Fraction of exact zeros over `parameters` (e.g. `prunable_parameters(model, True)`), and per weight."""
-    zeros = sum(int((p == 0).sum()) for p in parameters.values())
-    total = sum(p.numel() for p in parameters.values())
-    return zeros / total, {name: float((p == 0).float().mean()) for name, p in parameters.items()}
+    """Fraction of exact zeros over `parameters` (e.g. `prunable_parameters(model, True)`), and per weight.
+
+    The zeros are counted on the weights' device and read back in one transfer (the trainer logs this every
+    `logging_steps`; a read per weight would be a host-device synchronisation per weight)."""
+    if not parameters:
+        raise ValueError("measured_sparsity: no weights given (the model has no prunable layers).")
+    device = next(iter(parameters.values())).device
+    counts = torch.stack([(p == 0).sum().to(device) for p in parameters.values()]).tolist()
+    sizes = [p.numel() for p in parameters.values()]
+    per_weight = {name: zeros / size for name, zeros, size in zip(parameters, counts, sizes)}
+    return sum(counts) / sum(sizes), per_weight
 
 
 def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
