@@ -135,8 +135,8 @@ def scaling_section(settings, scaling: dict, fairgrape: dict) -> str:
         f"{settings.scaling_steps} steps per run, timed after {settings.warmup_steps}; "
         f"{settings.scaling_repeats} round(s) interleaving the group counts; a run's ms/step is the median of its "
         "steps, a count's the median of its runs, a ratio the median over rounds of the ratio within each round. "
-        "With a buffer of 2, a group "
-        "takes dual steps once 2 of its rows have been seen: the last column says how many had by the end."
+        "With a buffer of 2, a group takes dual steps once 2 of its rows have been seen: the last column says "
+        "how many had by the end."
     )
     lines = [
         "## 3. Cost as groups grow",
