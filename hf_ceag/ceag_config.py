@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -171,10 +172,27 @@ class CEAGConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self._validate_ceag_fields()
+        self._default_non_blocking_copies()
         super().__post_init__()
         # Pinned memory only speeds up copies to an accelerator; without one, torch warns at every dataloader.
         if self.dataloader_pin_memory and (self.use_cpu or not has_accelerator()):
             self.dataloader_pin_memory = False
+
+    def _default_non_blocking_copies(self) -> None:
+        # With pinned memory and an accelerator, batches are copied without blocking (accelerate's `non_blocking`,
+        # off in `TrainingArguments`): a blocking copy waits for the previous step's kernels to finish, a
+        # host-device synchronisation every step, after which the GPU idles while Python prepares the next
+        # step. Only where the user left it unset: `accelerator_config` unset, or a dict (or a JSON string of
+        # one) without the key; an `AcceleratorConfig` or a JSON file is taken as it is.
+        if not self.dataloader_pin_memory or self.use_cpu or not has_accelerator():
+            return
+        config = self.accelerator_config
+        if isinstance(config, str) and config.lstrip().startswith("{"):
+            config = json.loads(config)
+        if config is None:
+            self.accelerator_config = {"non_blocking": True}
+        elif isinstance(config, dict):
+            self.accelerator_config = {"non_blocking": True, **config}
 
     def _validate_ceag_fields(self) -> None:
         if self.mitigation not in MITIGATIONS:

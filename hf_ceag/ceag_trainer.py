@@ -5,7 +5,8 @@ The Trainer's own loop runs unchanged. This class overrides only:
 * `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
   (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
 * `training_step`: masks the pruned weights' gradients after the backward pass, before clipping;
-* `create_optimizer`: attaches the pruning masks to the optimizer (pruned weights zeroed after each step);
+* `create_optimizer`: attaches the pruning masks to the optimizer, so that pruned weights stay exactly zero
+  (`MagnitudePruner.attach`: their first moments zeroed under SGD/Adam/AdamW, else a pass after each step);
 * `train`: computes the dense reference and the step schedule before the first step;
 * `log`: adds the constraint metrics (summed since the last log, and the dual state as the log finds it);
 * `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: per-group metrics, reports and cards.

@@ -126,6 +126,24 @@ def test_the_python_api_pins_memory_only_for_an_accelerator(tiny_model, digits, 
     assert not [w for w in caught if "pin_memory" in str(w.message)] or has_accelerator()
 
 
+def test_batches_are_copied_without_blocking_where_memory_is_pinned_unless_the_user_says_otherwise(
+    make_config, monkeypatch
+):
+    import hf_ceag.ceag_config
+
+    monkeypatch.setattr(hf_ceag.ceag_config, "has_accelerator", lambda: True)  # as on a GPU machine
+    assert make_config().accelerator_config.non_blocking
+    config = make_config(accelerator_config={"even_batches": False})
+    assert config.accelerator_config.non_blocking and not config.accelerator_config.even_batches
+    assert not make_config(accelerator_config={"non_blocking": False}).accelerator_config.non_blocking
+    assert not make_config(accelerator_config='{"non_blocking": false}').accelerator_config.non_blocking
+    assert make_config(accelerator_config='{"even_batches": false}').accelerator_config.non_blocking
+    assert not make_config(dataloader_pin_memory=False).accelerator_config.non_blocking  # nothing pinned
+    assert not make_config(use_cpu=True).accelerator_config.non_blocking
+    monkeypatch.setattr(hf_ceag.ceag_config, "has_accelerator", lambda: False)
+    assert not make_config().accelerator_config.non_blocking  # TrainingArguments' default without one
+
+
 def test_build_classifier_sizes_a_timm_vit_to_the_images():
     """`image_size` used to be ignored for timm models: a ViT built for 32-px images failed its first forward."""
     from hf_ceag import build_classifier

@@ -29,6 +29,27 @@ class SyncDebugDuringSteps(TrainerCallback):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def watch_batch_fetches(trainer) -> list[int]:
+    """The same check around each batch fetch after the first log (the Trainer's prefetch, accelerate's copy to
+    the device, the step's group counts): with `CEAGConfig`'s non-blocking copies from pinned memory, nothing
+    there waits for the device either. Returns the list of steps whose fetch was checked."""
+    fetch, checked = trainer.get_batch_samples, []
+
+    def get_batch_samples(*args, **kwargs):
+        if trainer.state.global_step < trainer.args.logging_steps:
+            return fetch(*args, **kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fetch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(trainer.state.global_step)
+
+    trainer.get_batch_samples = get_batch_samples
+    return checked
+
+
 @pytest.mark.parametrize("mitigation", ["ceag", "none", "equalized_loss", "ceag+nupi"])
 def test_training_steps_never_synchronise_with_the_host(tiny_model, digits, make_config, mitigation):
     watcher = SyncDebugDuringSteps()
@@ -38,12 +59,15 @@ def test_training_steps_never_synchronise_with_the_host(tiny_model, digits, make
         mitigation=mitigation, max_steps=24, logging_steps=6, pruning_end_epoch=0.0, pruning_start_epoch=0.0,
         dual_lr=0.5, tolerance=0.0, **nupi,
     )  # fmt: skip
+    assert config.dataloader_pin_memory and config.accelerator_config.non_blocking
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], callbacks=[watcher])
+    assert trainer.accelerator.dataloader_config.non_blocking
+    fetches = watch_batch_fetches(trainer)
     try:
         trainer.train()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert watcher.checked == 24 - 6
+    assert watcher.checked == 24 - 6 and fetches == list(range(6, 24))
     if mitigation == "none":
         assert trainer.problem.dual_steps == 0
     else:

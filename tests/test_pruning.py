@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -76,39 +78,90 @@ def test_masks_are_nested():
         assert not (mask & ~before[name]).any()
 
 
-@pytest.mark.parametrize(
-    "make_optimizer",
-    [
-        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
-        lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
-    ],
-    ids=["sgd_momentum", "adamw"],
-)
-def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(make_optimizer):
+OPTIMIZERS = {
+    # zero-preserving: the pruner zeroes their first moments and adds no pass over the weights
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "sgd_nesterov": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "adam_l2": lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=0.1),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    "adamw_amsgrad_maximize": lambda params: torch.optim.AdamW(params, lr=0.01, amsgrad=True, maximize=True),
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True),
+    # any other: a post-step hook zeroes the pruned weights
+    "rmsprop_momentum": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.9),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+}
+
+
+def _steps(net, optimizer, pruner, n):
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    for _ in range(n):
+        nn.functional.cross_entropy(net(x), y).backward()
+        if pruner is not None:
+            pruner.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _pruned_weights_all_zero(pruner) -> bool:
+    return all(bool((p[~pruner.masks[name]] == 0).all()) for name, p in pruner.parameters.items())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(name):
     torch.manual_seed(0)
     net = Net()
-    optimizer = make_optimizer(net.parameters())
-    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
-    for _ in range(3):  # build momentum / Adam moments while dense
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    pruner = MagnitudePruner(prunable_parameters(net, True), "layerwise")
+    optimizer = OPTIMIZERS[name](net.parameters())
+    _steps(net, optimizer, None, 3)  # build momentum / Adam moments while dense
+    pruner = MagnitudePruner(prunable_parameters(net, True), "layerwise", gradient_hooks=False)
     pruner.attach(optimizer)
     pruner.attach(optimizer)  # idempotent
-    pruner.prune_to(0.8)
-    for _ in range(5):
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        for name, p in pruner.parameters.items():
-            assert (p[~pruner.masks[name]] == 0).all(), name
-    # without the hooks the same steps would have revived pruned weights (the test can fail)
-    fresh = make_optimizer(net.parameters())
-    fresh.load_state_dict(optimizer.state_dict())
-    nn.functional.cross_entropy(net(x), y).backward()
-    fresh.step()
-    assert any((p[~pruner.masks[n]] != 0).any() for n, p in pruner.parameters.items())
+    zero_preserving = name.startswith(("sgd", "adam"))
+    assert bool(optimizer._optimizer_step_post_hooks) != zero_preserving  # the weights' pass only if needed
+    for sparsity in (0.5, 0.8):  # gradual: the second pruning meets state built under the first masks
+        before = {key: state.copy() for key, state in optimizer.state.items()}
+        pruner.prune_to(sparsity)
+        _steps(net, optimizer, pruner, 4)
+        assert _pruned_weights_all_zero(pruner), sparsity
+    if zero_preserving:
+        # the test can fail: with the state as it was before the last pruning (first moments not zeroed at
+        # the newly pruned entries) a step revives pruned weights
+        net_copy = Net()
+        net_copy.load_state_dict(net.state_dict())
+        stale = OPTIMIZERS[name](net_copy.parameters())
+        stale.load_state_dict(optimizer.state_dict())
+        for p_copy, p in zip(net_copy.parameters(), net.parameters()):
+            for key, value in before.get(p, {}).items():
+                if key in ("momentum_buffer", "exp_avg"):
+                    stale.state[p_copy][key] = value.clone()
+        _steps(net_copy, stale, None, 1)
+        copied = dict(zip(net.parameters(), net_copy.parameters()))
+        assert any(
+            (copied[p][~pruner.masks[n]] != 0).any() for n, p in pruner.parameters.items()
+        ), "zeroing the first moments made no difference: the test proves nothing"
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
+def test_loading_optimizer_state_zeroes_the_pruned_first_moments(name):
+    # A resume may bring state whose pruned entries are not zero (a checkpoint of an earlier version, which
+    # zeroed the weights after each step instead): loading it into an attached optimizer zeroes them.
+    torch.manual_seed(0)
+    net = Net()
+    donor = OPTIMIZERS[name](net.parameters())
+    _steps(net, donor, None, 3)  # dense moments, nonzero everywhere
+    checkpoint = copy.deepcopy(donor.state_dict())  # as read from disk
+    key = "momentum_buffer" if name.startswith("sgd") else "exp_avg"
+    optimizer = OPTIMIZERS[name](net.parameters())
+    pruner = MagnitudePruner(prunable_parameters(net, True), "layerwise", gradient_hooks=False)
+    pruner.attach(optimizer)
+    pruner.prune_to(0.7)
+    optimizer.load_state_dict(copy.deepcopy(checkpoint))  # (loading aliases tensors already in place)
+    index = {p: i for i, p in enumerate(net.parameters())}
+    for n, p in pruner.parameters.items():
+        moment, saved, kept = optimizer.state[p][key], checkpoint["state"][index[p]][key], pruner.masks[n]
+        assert (moment[~kept] == 0).all() and torch.equal(moment[kept], saved[kept]), n
+        assert (saved[~kept] != 0).any(), n  # the test can fail
+    _steps(net, optimizer, pruner, 3)
+    assert _pruned_weights_all_zero(pruner)
 
 
 def test_model_without_prunable_layers_is_refused():

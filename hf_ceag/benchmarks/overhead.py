@@ -107,8 +107,9 @@ def overhead_section(settings, over: dict, targets: dict[str, float] | None = No
     intro = (
         f"The same pruned model (the first dense model above, magnitude-pruned layer-wise to "
         f"{over['sparsity']:.0%}), the same {over['rows']} training rows, batch {over['batch']}, "
-        f"{settings.overhead_steps} optimizer steps per run, every batch full (`dataloader_drop_last`). NFT and "
-        "CEAG reach the target sparsity at step 0; "
+        f"{settings.overhead_steps} optimizer steps per run, every batch full (`dataloader_drop_last`), the same "
+        "`CEAGConfig` for all three (the plain Trainer too gets its defaults: no NaN filter on the logged loss, "
+        "non-blocking batch copies where memory is pinned for an accelerator). NFT and CEAG reach the target sparsity at step 0; "
         f"CEAG's constraints are on from step 0 (buffer {over['buffer_size']}, one dual step per step). Timed "
         f"with a `TrainerCallback` from the end of step {settings.warmup_steps} to the end of the last step: the "
         "training loop only — not the dense-reference pass `CEAGTrainer` makes before training, nor trainer "

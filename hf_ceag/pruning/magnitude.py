@@ -8,8 +8,12 @@ Masks are enforced twice:
   the pruner puts a tensor hook on every prunable weight instead. (Masking in an optimizer pre-step hook
   comes too late: the Trainer clips before `optimizer.step()`, and the pruned weights' gradients would
   inflate the clipping norm.)
-* on the weights, by an optimizer post-step hook, so pruned weights stay exactly zero whatever the optimizer
-  does with its state (momentum, Adam moments, decoupled weight decay).
+* on the weights. Torch's SGD, Adam and AdamW keep a zero weight exactly zero when its gradient and its first
+  moment (SGD's momentum buffer, Adam's `exp_avg`) are zero: every term of their update is then a product
+  with zero (weight decay included, L2 or decoupled). For these the pruner zeroes the pruned entries of those
+  state tensors whenever the masks change or the optimizer's state is loaded (a resume), and the step needs
+  no mask pass of its own. Any other optimizer gets an optimizer post-step hook that zeroes the pruned
+  weights after every step, whatever it does with its state.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ import torch
 from torch import nn
 
 PRUNABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Optimizers (exact types: a subclass may change the update) under which a weight whose gradient and first
+# moment are zero stays exactly zero, and the state tensors that hold that moment.
+ZERO_PRESERVING_STATE = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg",),
+    torch.optim.AdamW: ("exp_avg",),
+}
 
 
 def prunable_parameters(model: nn.Module, keep_first_last_dense: bool) -> dict[str, nn.Parameter]:
@@ -93,6 +104,7 @@ class MagnitudePruner:
         self._pruned = False  # until the first pruning, every mask is all True and the gradient hooks idle
         self._factors: list[torch.Tensor] = []  # the masks in their weights' dtypes, once pruned
         self._hooked: set[int] = set()
+        self._zero_preserving: list[torch.optim.Optimizer] = []  # attached; their pruned state kept at zero
         if gradient_hooks:
             for name, p in parameters.items():
                 p.register_hook(self._gradient_mask(name))
@@ -134,6 +146,8 @@ class MagnitudePruner:
         self._pruned = pruned
         self._factors = [self.masks[name].to(p.dtype) for name, p in self.parameters.items()] if pruned else []
         self.apply_masks()
+        for optimizer in self._zero_preserving:
+            self.mask_optimizer_state(optimizer)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -153,13 +167,41 @@ class MagnitudePruner:
             grads, factors = zip(*pairs)
             torch._foreach_mul_(list(grads), list(factors))
 
+    @torch.no_grad()
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the pruned entries of the first-moment state (`ZERO_PRESERVING_STATE`) of `optimizer`, in one
+        fused call; state not created yet (before the first step) needs nothing."""
+        if not self._pruned:
+            return
+        keys = ZERO_PRESERVING_STATE.get(type(optimizer), ())
+        pairs = [
+            (state[key], factor)
+            for p, factor in zip(self.parameters.values(), self._factors)
+            for state in (optimizer.state.get(p, {}),)
+            for key in keys
+            if isinstance(state.get(key), torch.Tensor)
+        ]
+        if pairs:
+            tensors, factors = zip(*pairs)
+            torch._foreach_mul_(list(tensors), [f.to(t.dtype) for t, f in zip(tensors, factors)])
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero the pruned weights after every `optimizer.step()` (idempotent). Their gradients are already
-        zero (the tensor hooks, or `mask_gradients()`)."""
+        """Keep the pruned weights exactly zero through every `optimizer.step()` (idempotent). Their gradients
+        are already zero (the tensor hooks, or `mask_gradients()`). Under SGD, Adam or AdamW it is enough that
+        their first moments are zero too: zeroed now, whenever the masks change, and after any
+        `load_state_dict` of the optimizer (a resume from a checkpoint written by another version). Any other
+        optimizer gets a post-step hook that zeroes the pruned weights after each step (one more pass over
+        them every step)."""
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         if id(optimizer) in self._hooked:
             return
-        optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        if type(optimizer) in ZERO_PRESERVING_STATE:
+            self._zero_preserving.append(optimizer)
+            optimizer.register_load_state_dict_post_hook(self.mask_optimizer_state)
+            self.mask_optimizer_state(optimizer)
+            self.apply_masks()
+        else:
+            optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooked.add(id(optimizer))
 
     @torch.no_grad()
