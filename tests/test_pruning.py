@@ -135,9 +135,9 @@ def test_pruned_weights_stay_exactly_zero_through_optimizer_steps(name):
                     stale.state[p_copy][key] = value.clone()
         _steps(net_copy, stale, None, 1)
         copied = dict(zip(net.parameters(), net_copy.parameters()))
-        assert any(
-            (copied[p][~pruner.masks[n]] != 0).any() for n, p in pruner.parameters.items()
-        ), "zeroing the first moments made no difference: the test proves nothing"
+        assert any((copied[p][~pruner.masks[n]] != 0).any() for n, p in pruner.parameters.items()), (
+            "zeroing the first moments made no difference: the test proves nothing"
+        )
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
