@@ -136,19 +136,23 @@ def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
     assert all(math.isfinite(v) for values in rows.values() for v in values)
 
 
-def test_device_profile_sees_the_two_mask_passes_nft_adds_to_each_step(tiny_model, digits, make_config):
-    """`torch.profiler` over a plain `Trainer` and NFT on the same model and steps: NFT makes exactly two more
-    fused multiplies a step (the gradients' masks after the backward pass, the weights' after the optimizer
-    step); whatever else uses `_foreach_mul_` (on CUDA: SGD's foreach path, clipping) is the same on both."""
+@pytest.mark.parametrize("optim, passes", [("sgd", 1), ("rmsprop", 2)])
+def test_device_profile_sees_the_mask_passes_nft_adds_to_each_step(tiny_model, digits, make_config, optim, passes):
+    """`torch.profiler` over a plain `Trainer` and NFT on the same model and steps: NFT makes exactly one more
+    fused multiply a step under SGD (the gradients' masks after the backward pass: SGD keeps the pruned weights
+    at zero once their momentum is), two under RMSprop (and the weights' masks after the optimizer step);
+    whatever else uses `_foreach_mul_` (on CUDA: SGD's foreach path, clipping) is the same on both."""
     from hf_ceag.benchmarks.profiling import device_profile
 
-    config = make_config(mitigation="none", max_steps=9, pruning_start_epoch=0.0, pruning_end_epoch=0.0)
+    config = make_config(
+        mitigation="none", max_steps=9, pruning_start_epoch=0.0, pruning_end_epoch=0.0, optim=optim
+    )
     calls = {}
     for kind in ("plain", "nft"):
         times, steps, seconds = device_profile(kind, tiny_model, config, digits["train"], warmup=3)
         assert steps == 6 and seconds > 0 and sum(spent for _, spent in times.values()) > 0
         calls[kind] = times.get("aten::_foreach_mul_", (0, 0.0))[0]
-    assert calls["nft"] - calls["plain"] == 2 * 6, calls
+    assert calls["nft"] - calls["plain"] == passes * 6, calls
 
 
 @pytest.mark.parametrize("profiler", ["working", "broken"])
