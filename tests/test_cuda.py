@@ -1,5 +1,6 @@
-"""Checks that need a CUDA device (skipped without one): a training step that never synchronises with the
-host, and a real fp16 run whose loss scaler skips a step, with that step's dual update undone."""
+"""Checks that need a CUDA device (skipped without one): a training step, and the fetch of its batch, that never
+synchronise with the host, and a real fp16 run whose loss scaler skips a step, with that step's dual update
+undone."""
 
 import pytest
 import torch
