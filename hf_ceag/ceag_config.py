@@ -22,6 +22,10 @@ class CEAGConfig(TrainingArguments):
 
     Accuracies and the tolerance are fractions (0.01 = one point). The pruning schedule is given in epochs
     and resolved to optimizer steps when training starts.
+
+    Defaults that differ from `TrainingArguments`: `logging_nan_inf_filter=False` (a non-finite loss is logged
+    as it is); pinned memory only with an accelerator; and with one, batches copied to it without blocking
+    (`accelerator_config={"non_blocking": True}`, unless the user set `non_blocking`).
     """
 
     mitigation: Literal["none", "ceag", "equalized_loss"] = field(
