@@ -164,6 +164,30 @@ def test_loading_optimizer_state_zeroes_the_pruned_first_moments(name):
     assert _pruned_weights_all_zero(pruner)
 
 
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_zeroed_first_moments_train_bit_for_bit_like_masking_the_weights_after_every_step(name, seed):
+    """An independent re-implementation: the same steps and prunings with the pruned weights zeroed after every
+    optimizer step instead (what any other optimizer gets, and what every optimizer got before), and their
+    moments left as they are. Both give the same weights, bit for bit."""
+    torch.manual_seed(seed)
+    nets = [Net(), Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    optimizers = [OPTIMIZERS[name](net.parameters()) for net in nets]
+    pruners = [MagnitudePruner(prunable_parameters(net, True), "layerwise", gradient_hooks=False) for net in nets]
+    pruners[0].attach(optimizers[0])
+    optimizers[1].register_step_post_hook(lambda *_: pruners[1].apply_masks())
+    assert not optimizers[0]._optimizer_step_post_hooks  # the path under test makes no pass over the weights
+    for sparsity in (None, 0.5, 0.8):  # dense steps first: the moments exist when the first pruning comes
+        for net, optimizer, pruner in zip(nets, optimizers, pruners):
+            if sparsity is not None:
+                pruner.prune_to(sparsity)
+            torch.manual_seed(seed + 10)  # the same batches for both
+            _steps(net, optimizer, pruner, 4)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_model_without_prunable_layers_is_refused():
     with pytest.raises(ValueError, match="no prunable layers"):
         MagnitudePruner(prunable_parameters(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(2, 2)), True), "layerwise")

@@ -173,17 +173,15 @@ class MagnitudePruner:
         fused call; state not created yet (before the first step) needs nothing."""
         if not self._pruned:
             return
-        keys = ZERO_PRESERVING_STATE.get(type(optimizer), ())
-        pairs = [
-            (state[key], factor)
-            for p, factor in zip(self.parameters.values(), self._factors)
-            for state in (optimizer.state.get(p, {}),)
-            for key in keys
-            if isinstance(state.get(key), torch.Tensor)
-        ]
-        if pairs:
-            tensors, factors = zip(*pairs)
-            torch._foreach_mul_(list(tensors), [f.to(t.dtype) for t, f in zip(tensors, factors)])
+        tensors, factors = [], []
+        for p, factor in zip(self.parameters.values(), self._factors):
+            state = optimizer.state.get(p, {})
+            for key in ZERO_PRESERVING_STATE.get(type(optimizer), ()):
+                if isinstance(state.get(key), torch.Tensor):
+                    tensors.append(state[key])
+                    factors.append(factor.to(state[key].dtype))
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the pruned weights exactly zero through every `optimizer.step()` (idempotent). Their gradients
