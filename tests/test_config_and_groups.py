@@ -102,3 +102,28 @@ def test_encode_keeps_a_set_transform():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GroupIndex.from_dataset(ds, ["race"]).encode(ds, "train")
+
+
+@pytest.mark.parametrize(
+    "eval_feature",
+    [datasets.Value("string"), datasets.Value("int64")],
+    ids=["names as strings", "ids as integers"],
+)
+def test_eval_groups_of_another_type_are_matched_by_name(eval_feature):
+    """Training groups a ClassLabel named '0'..'2'; the test split stores the same groups as strings (or plain
+    integers): every test row joins its training group, none becomes an unconstrained group of its own."""
+    names = ["0", "1", "2"]
+    train = datasets.Dataset.from_dict(
+        {"g": [0, 1, 2, 2]}, features=datasets.Features({"g": datasets.ClassLabel(names=names)})
+    )
+    values = ["2", "0", "1"] if eval_feature.dtype == "string" else [2, 0, 1]
+    test = datasets.Dataset.from_dict({"g": values}, features=datasets.Features({"g": eval_feature}))
+    index = GroupIndex.from_dataset(train, ["g"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "appear in the test data but not in the training data"
+        encoded = index.encode(test, "test")
+    assert encoded.with_format(None)[GROUP_ID_COLUMN] == [2, 0, 1]
+    assert index.names == names and index.num_groups == 3
+    other = datasets.Dataset.from_dict({"g": ["3"]})  # a group training never saw is still new
+    with pytest.warns(UserWarning, match=r"\['3'\] appear in the test data"):
+        assert index.encode(other, "test").with_format(None)[GROUP_ID_COLUMN] == [3]

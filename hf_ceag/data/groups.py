@@ -90,6 +90,9 @@ class GroupIndex:
             raise ValueError("GroupIndex: keys, names and train_counts must have the same length.")
         self.keys = [tuple(k) for k in self.keys]
         self._id_of = {key: i for i, key in enumerate(self.keys)}
+        # another split may store the same groups as another type (a ClassLabel id here, its name as a string
+        # there): rows are matched by their groups' names too
+        self._id_of_name = {name: i for i, name in enumerate(self.names)}
 
     @property
     def num_groups(self) -> int:
@@ -112,7 +115,9 @@ class GroupIndex:
     def encode(self, dataset: datasets.Dataset, split: str = "eval") -> datasets.Dataset:
         """Return `dataset` with a `GROUP_ID_COLUMN` column of group ids (transform and format kept).
 
-        Groups absent from training are appended to this index (unconstrained), with a warning naming them.
+        A row belongs to the group with the same values, or else with the same name (so a split whose group column
+        holds the names of another split's `ClassLabel`, or numbers as strings, is matched group by group). Groups
+        absent from training are appended to this index (unconstrained), with a warning naming them.
         """
         check_group_columns(dataset, self.columns, split)
         rows = zip(*(_column_values(dataset, c) for c in self.columns))
@@ -120,10 +125,13 @@ class GroupIndex:
         ids, unseen = [], []
         for row in rows:
             if row not in self._id_of:
-                self._id_of[row] = len(self.keys)
-                self.keys.append(row)
-                self.names.append(" & ".join(_value_name(f, v) for f, v in zip(features, row)))
-                unseen.append(self.names[-1])
+                name = " & ".join(_value_name(f, v) for f, v in zip(features, row))
+                if name not in self._id_of_name:
+                    self._id_of_name[name] = len(self.keys)
+                    self.keys.append(row)
+                    self.names.append(name)
+                    unseen.append(name)
+                self._id_of[row] = self._id_of_name[name]
             ids.append(self._id_of[row])
         if unseen:
             warnings.warn(
