@@ -167,6 +167,23 @@ class CEAGConfig(TrainingArguments):
             "intersectional groups."
         },
     )
+    max_accuracy_drop: float = field(
+        default=0.1,
+        metadata={
+            "help": "Largest overall accuracy drop (dense minus sparse accuracy, a fraction) of a model that may be "
+            "published: excess gaps are relative, so a model that collapses for every group alike meets every "
+            "constraint. push_to_hub refuses a model whose drop on any audited split is larger, as it refuses "
+            "a violated constraint (override: push_to_hub(allow_violated_constraints=True))."
+        },
+    )
+    allow_weak_dense_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Prune a dense model whose training accuracy is at most 5 points above chance (the most "
+            "frequent class's share). Off: such a model is refused before any pruning, since every excess gap "
+            "measured against it is meaningless (an untrained model, or the wrong checkpoint)."
+        },
+    )
     # TrainingArguments' default (True) replaces a non-finite loss by the running mean, which hides a broken
     # step from `NonFiniteGuard` and reads the loss back to the host on every step.
     logging_nan_inf_filter: bool = field(
@@ -199,6 +216,11 @@ class CEAGConfig(TrainingArguments):
             self.accelerator_config = {"non_blocking": True, **config}
 
     def _validate_ceag_fields(self) -> None:
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(
+                f"max_accuracy_drop={self.max_accuracy_drop} is outside [0, 1]: give the largest acceptable drop of "
+                "overall accuracy as a fraction (0.1 for ten points; 1 accepts any drop)."
+            )
         if self.mitigation not in MITIGATIONS:
             raise ValueError(f"mitigation={self.mitigation!r} is not one of {list(MITIGATIONS)}.")
         if self.pruning_scope not in PRUNING_SCOPES:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -39,13 +40,14 @@ from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
 from .constraints.held_out import HeldOutRows
 from .constraints.problems import GroupConstrainedProblem
-from .constraints.reference import DenseReference
+from .constraints.reference import DenseReference, check_dense_model_is_trained
 from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
-from .data.batches import ColumnBatches, ColumnCollator
+from .data.batches import ColumnBatches, ColumnCollator, GroupIdCollator, check_collated_batch
 from .data.encoding import (
     LABEL_COLUMNS,
     check_trainer_inputs,
+    dataset_display_name,
     encode_eval,
     encode_split,
     split_for_held_out_duals,
@@ -53,6 +55,7 @@ from .data.encoding import (
 )
 from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
 from .data.images import keep_columns_after_transform
+from .data.preprocessing import audit_transform, known_image_processor, with_transform_of
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
@@ -70,6 +73,10 @@ class _DualStepUndo(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.constrained_step is not None:
             self.trainer.constrained_step.undo_if_skipped(self.trainer.accelerator.optimizer_step_was_skipped)
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class CEAGTrainer(Trainer):
@@ -90,20 +97,26 @@ class CEAGTrainer(Trainer):
         config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
         narrow_for_grayscale_data(model, train_dataset)  # a grayscale model hf-ceag published as an RGB one
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
+        if params.get("processing_class") is None:  # so that every saved folder is `pipeline`-ready where it can be
+            params["processing_class"] = known_image_processor(train_dataset)
+        self.dataset_name = dataset_display_name(train_dataset)
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
         if config.mitigation != "none":  # NFT has no replay buffers
             warn_small_groups(self.group_index, config.buffer_size)
-        # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
-        params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(
-            encode_split(self.group_index, train_dataset, "train"), config
-        )
+        train = encode_split(self.group_index, train_dataset, "train")
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
+        # the audit reads the training rows without the training augmentation where an eval transform allows
+        self._audit_transform, self.train_audit_note = audit_transform(train, params["eval_dataset"])
+        # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
+        params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(train, config)
         super().__init__(**params)
         if self.data_collator is default_data_collator and config.train_sampling_strategy in (
             "random",
             "sequential",
         ):
             self.data_collator = ColumnCollator(default_data_collator)
+        else:  # a collator of the user's: the group ids are carried around it
+            self.data_collator = GroupIdCollator(self.data_collator)
         # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
         # refuses a model without prunable layers, still before any training.
         self.pruner = MagnitudePruner(
@@ -196,6 +209,9 @@ class CEAGTrainer(Trainer):
         """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
         the pruning schedule, then run `Trainer.train`."""
         self.pruning.resolve(len(self.train_dataset))
+        check_collated_batch(
+            self._remove_unused_columns(self.train_dataset, "training"), self.data_collator, LABEL_COLUMNS
+        )  # a collator or transform that drops labels or group ids fails now, not after the dense pass
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         saved = ConstrainedState.load(checkpoint) if checkpoint else None
         if saved is not None:
@@ -265,13 +281,19 @@ class CEAGTrainer(Trainer):
             self.dense_correct[name] = logits.argmax(-1) == labels
             if name in ("train", "constraint"):
                 references[name] = DenseReference.from_predictions(logits, labels, groups, names)
+            if name == "train":
+                check_dense_model_is_trained(references[name].accuracy, labels, self.args.allow_weak_dense_model)
         self.constraint_reference = references.get("constraint")
         return references["train"]
 
     def _audited_splits(self) -> dict[str, datasets.Dataset]:
-        # train = the rows the primal step trains on; constraint = the held-out rows of the dual step, if any
+        # train = the rows the primal step trains on; constraint = the held-out rows of the dual step, if any;
+        # both read without the training augmentation where an evaluation transform allows (`audit_transform`)
         held_out = {"constraint": self.constraint_dataset} if self.constraint_dataset is not None else {}
-        return {"train": self.train_dataset, **held_out, **self._eval_splits()}
+        training = {"train": self.train_dataset, **held_out}
+        if self._audit_transform is not None:
+            training = {name: with_transform_of(rows, self._audit_transform) for name, rows in training.items()}
+        return {**training, **self._eval_splits()}
 
     def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode)."""
@@ -455,6 +477,11 @@ class CEAGTrainer(Trainer):
         self.report = run_report(
             self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3)
         )
+        if self.train_audit_note:
+            self.report["train_audit"] = self.train_audit_note
+            for name in ("train", "constraint"):
+                if name in self.report["split_rows"]:
+                    self.report["split_rows"][name] += f"; its images were {self.train_audit_note}"
         return self.report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -478,6 +505,14 @@ class CEAGTrainer(Trainer):
                 make_timm_loadable(folder, self.model)
             else:
                 save_loadable(folder, self.model)
+                if self.processing_class is None:
+                    warnings.warn(
+                        f"{folder} holds no image processor: CEAGTrainer was given no processing_class, and the "
+                        "data's preprocessing is not one hf-ceag knows, so pipeline() and AutoImageProcessor would "
+                        "preprocess images otherwise than training did. Pass processing_class=<the image processor "
+                        "that makes your pixel_values> to CEAGTrainer; the model card says so too.",
+                        stacklevel=2,
+                    )
 
     def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.
@@ -489,11 +524,11 @@ class CEAGTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         folder = output_dir or self.args.output_dir
+        details = {"dataset": self.dataset_name, **_given(self.card_metadata), **_given(kwargs)}
         card = run_model_card(
             report, self.model, folder, self.args, self.schedule, list(self.group_index.columns), self.pruner,
             repo=self.hub_model_id or self.args.hub_model_id, command=self.reproduce_command,
-            allow_violated_constraints=self._allow_violated_constraints,
-            details={**self.card_metadata, **kwargs},
+            allow_violated_constraints=self._allow_violated_constraints, details=details,
         )  # fmt: skip
         save_report(report, folder)
         write_model_folder_extras(report, card, folder)
@@ -506,8 +541,8 @@ class CEAGTrainer(Trainer):
         if warning and not allow_violated_constraints:
             raise ValueError(
                 f"push_to_hub refused: {warning} Fix the model (e.g. train longer, lower target_sparsity, raise "
-                "dual_lr), or publish it anyway with push_to_hub(allow_violated_constraints=True), which puts a "
-                "warning at the top of its card."
+                "dual_lr or max_accuracy_drop), or publish it anyway with "
+                "push_to_hub(allow_violated_constraints=True), which puts a warning at the top of its card."
             )
         self._allow_violated_constraints = allow_violated_constraints
         try:

@@ -48,6 +48,7 @@ def main(out, batch, grad_accum, mitigation, precision="fp32", use_cpu=False):
         tolerance=0.0,
         buffer_size=4,
         target_sparsity=0.5,
+        allow_weak_dense_model=True,
         pruning_end_epoch=0.1,
         pruning_frequency=2,
         save_strategy="no",

@@ -142,8 +142,11 @@ def test_an_interval_straddling_eps_is_inconclusive_by_an_independent_bootstrap(
         "violated_groups",
         "groups_over_tolerance",
     )
-    assert [report[k] for k in counts] == [4, 1, 2, 1, 2]
+    assert [report[k] for k in counts] == [4, 1, 2, 1, 3]  # over ε: "bad", "over" and the unjudged "tiny"
     assert report["status_basis"] == "95% bootstrap interval" and not report["satisfied"]
+    # the headline leaves no group out: "tiny" (5 rows, all lost) is the max, shown with its flag
+    assert (report["max_excess_gap_group"], report["max_excess_gap_status"]) == ("tiny", TOO_FEW)
+    assert report["max_excess_gap"] == max(g["excess_gap"] for g in report["groups"])
     # the rule, on intervals drawn row by row: each judged group's naive interval lies on the side of ε its
     # status says, with a margin well beyond the two bootstraps' Monte Carlo error
     naive = naive_bootstrap_intervals(groups, torch.ones_like(sparse), sparse, len(HAND_BUILT))
@@ -187,7 +190,7 @@ def test_verdict_markdown_terminal_and_card_count_inconclusive_groups_apart(tmp_
 
     # publishing is gated as strictly as the point estimates say: a violated group, or an inconclusive one whose
     # point ψ_g is over ε, blocks it ("bad" and "over"); inconclusive ones within ε do not, and the card names them
-    assert violation_warning(report).startswith("On its training data, 2 group(s) exceed the tolerance ε = 0.1")
+    assert violation_warning(report).startswith("On its training data, 3 group(s) exceed the tolerance ε = 0.1")
     unsure, _, _ = hand_built_split(("clear", "under", "over", "tiny", "new"))
     unsure_report = build_report("ceag", TOLERANCE, 0.5, 0.5, {"train": unsure})
     assert unsure_report["splits"]["train"]["verdict"].startswith(
@@ -240,6 +243,7 @@ def trained(tmp_path_factory, digits):
         output_dir=str(out), max_steps=8, per_device_train_batch_size=32, per_device_eval_batch_size=256,
         learning_rate=0.01, optim="sgd", pruning_end_epoch=0.1, target_sparsity=0.8, buffer_size=4,
         report_to="none", save_strategy="no", disable_tqdm=True, hub_token="hf_SECRETTOKEN123", seed=0,
+        allow_weak_dense_model=True,
     )  # fmt: skip
     model = build_classifier("test_resnet", 10, channels=1)
     trainer = CEAGTrainer(model, config, train_dataset=digits["train"], eval_dataset={"test": digits["test"]})
@@ -318,7 +322,7 @@ def test_push_to_hub_gate_and_no_token_in_files(trained):
     files, _ = uploads[-1]
     card = files["README.md"].decode()
     assert 'from_pretrained("me/sparse")' in card and trained.args.output_dir not in card  # the Hub id
-    assert card.split("---", 2)[2].lstrip().startswith("> **⚠️ Warning: this model does not satisfy")
+    assert card.split("---", 2)[2].lstrip().startswith("> **⚠️ Warning: this model fails hf-ceag's checks")
     assert {"model.safetensors", "config.json", "report.json", "excess_gaps.png"} <= set(files)
     assert not any(b"hf_SECRETTOKEN123" in content for content in files.values())
 
@@ -382,7 +386,7 @@ def test_push_to_hub_from_the_cli_publishes_only_the_pruned_model(tmp_path):
     )
     api.upload_folder.side_effect = lambda folder_path, **kwargs: uploaded.append(Path(folder_path).name)
     out = tmp_path / "run"
-    fast = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_epochs", "2",
+    fast = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--allow_weak_dense_model", "true", "--num_train_epochs", "2",
             "--pruning_end_epoch", "1", "--disable_tqdm", "true", "--tolerance", "1.0"]  # fmt: skip
     with mock.patch("transformers.trainer.hf_api", return_value=api):
         run_ceag.main(["--output_dir", str(out), *fast, "--methods", "none", "ceag", "--push_to_hub", "true",
@@ -406,7 +410,9 @@ def test_card_names_no_local_path_and_the_saved_layer_names(trained, tmp_path, m
     with safe_open(str(folder / "model.safetensors"), "pt") as saved:
         keys = set(saved.keys())
     assert len(layers) == len(trained.pruner.parameters) and set(layers) <= keys  # not `timm_model.`-prefixed
-    assert "pipeline(" not in text and "holds no image processor" in text  # no processing_class given
+    # no processing_class given: the digits loader's preprocessing is known, so the folder is pipeline-ready
+    assert "pipeline(" in text and "holds no image processor" not in text
+    assert (folder / "preprocessor_config.json").exists()
 
 
 def test_card_layer_names_follow_the_renames_of_save_pretrained(tmp_path):
@@ -498,3 +504,95 @@ def test_plot_colours_inconclusive_groups_apart_in_the_legend(tmp_path, monkeypa
     assert len({STATUS_COLORS[s] for s in (SATISFIED, INCONCLUSIVE, VIOLATED)}) == 3
     bars = {t.get_text(): bar for t, bar in zip(ax.get_xticklabels(), ax.patches)}
     assert bars["under"].get_facecolor() == bars["over"].get_facecolor() == to_rgba(STATUS_COLORS[INCONCLUSIVE])
+
+
+def test_a_useless_model_is_refused_for_publishing_by_its_accuracy_drop():
+    """ψ_g is relative: a model that lost accuracy for every group alike has ψ ≈ 0 and "satisfies" every constraint.
+    The overall drop beside it gates push_to_hub like a violated constraint (`max_accuracy_drop`)."""
+    groups = torch.tensor([0] * 100 + [1] * 100)
+    dense = torch.ones(200, dtype=torch.bool)
+    sparse = torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.1  # both groups near chance
+    sparse[:100] = sparse[100:]  # exactly alike: ψ = 0 for both
+    train = split_report(groups, dense, sparse, ["a", "b"], 0.01)
+    assert train["max_excess_gap"] == pytest.approx(0.0) and train["satisfied"] and train["violated_groups"] == 0
+    assert train["accuracy_drop"] == pytest.approx(1.0 - float(sparse.double().mean()))  # by hand
+    report = build_report("ceag", 0.01, 0.9, 0.9, {"train": train}, max_accuracy_drop=0.1)
+    warning = violation_warning(report)
+    assert warning and "fell by" in warning and "max_accuracy_drop = 0.1" in warning
+    assert f"drop +{train['accuracy_drop']:.3f}" in report["splits"]["train"]["verdict"]
+    lenient = build_report("ceag", 0.01, 0.9, 0.9, {"train": copy.deepcopy(train)}, max_accuracy_drop=1.0)
+    assert violation_warning(lenient) is None
+    card = build_model_card(report, model_name="m", repo_or_path="m", training={}).text
+    assert "Δ_g = dense_g − sparse_g" in card and "accuracy lost Δ_g" in card and "drop +" in card
+
+
+def test_push_to_hub_refuses_a_collapsed_model_with_the_same_override(trained):
+    from unittest import mock
+
+    collapsed = json.loads(json.dumps(trained.group_report()))
+    collapsed["max_accuracy_drop"] = 0.1
+    collapsed["splits"]["test"].update(accuracy_drop=0.5, accuracy_sparse=0.1)
+    trained.report = collapsed
+    api = mock.MagicMock()
+    try:
+        with mock.patch("transformers.trainer.hf_api", return_value=api):
+            with pytest.raises(ValueError, match="push_to_hub refused: .*test data, the overall accuracy fell by 0.500"):
+                trained.push_to_hub()
+            assert not api.upload_folder.called
+    finally:
+        trained.report = None
+
+
+def test_a_dense_model_at_chance_is_refused_before_any_pruning(tmp_path, digits, make_config):
+    from hf_ceag import build_classifier
+
+    model = build_classifier("test_resnet", 10, channels=1)  # untrained: at chance on the digits
+    config = make_config(allow_weak_dense_model=False, save_strategy="no")
+    trainer = CEAGTrainer(model, config, train_dataset=digits["train"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training accuracy is 0\.\d+, at most 0\.05 above chance .*allow_weak_dense_model=True"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
+    assert trainer.state.global_step == 0 and not os.path.exists(os.path.join(config.output_dir, "checkpoint-1"))
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda d: d, "scikit-learn digits"),  # hf-ceag's loader names its data
+        (lambda d: __import__("datasets").Dataset.from_dict(d.with_format(None)[:]), None),  # in memory: unnamed
+        (lambda d: d.with_format(None).select(range(10)), "scikit-learn digits"),
+    ],
+    ids=["digits loader", "in-memory", "selected rows"],
+)
+def test_the_dataset_name_is_the_datas_own_or_none(digits, make, name):
+    from hf_ceag.data.encoding import dataset_display_name
+
+    assert dataset_display_name(make(digits["train"])) == name
+
+
+def test_card_of_unknown_data_names_no_dataset_and_warns_without_a_processor(tmp_path, digits, make_config):
+    """An in-memory Dataset whose preprocessing hf-ceag cannot know: no image processor is invented (timm's default
+    would misread every image), the save warns, the card says so and calls the data unnamed; a run from Python
+    gets a Reproduce section with its CEAGConfig instead of "(not recorded)"."""
+    import datasets
+
+    from hf_ceag import build_classifier
+
+    train = datasets.Dataset.from_dict(digits["train"].with_format(None)[:]).with_format("torch")
+    test = datasets.Dataset.from_dict(digits["test"].with_format(None)[:]).with_format("torch")
+    model = build_classifier("test_resnet", 10, channels=1)
+    config = make_config(max_steps=4, pruning_end_epoch=0.05, mitigation="ceag", dual_lr=0.02)
+    trainer = CEAGTrainer(model, config, train_dataset=train, eval_dataset={"test": test})
+    trainer.train()
+    assert trainer.processing_class is None
+    with pytest.warns(UserWarning, match="holds no image processor: CEAGTrainer was given no processing_class"):
+        trainer.save_model(str(tmp_path / "sparse"))
+    assert not (tmp_path / "sparse" / "preprocessor_config.json").exists()
+    card = ModelCard.load(tmp_path / "sparse" / "README.md")
+    assert "This folder holds no image processor" in card.text and "pipeline(" not in card.text
+    assert "an unnamed dataset" in card.text and "digits" not in card.content
+    assert {r.dataset_name for r in card.data.eval_results} == {"unnamed dataset"}
+    assert "(not recorded)" not in card.text and "config = CEAGConfig(output_dir='out', " in card.text
+    assert "dual_lr=0.02" in card.text and "max_steps=4" in card.text and str(tmp_path) not in card.text
+    assert "| group column(s) | group |" in card.text

@@ -8,7 +8,7 @@ import torch
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 
-FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--num_train_epochs", "2", "--pruning_end_epoch", "1",
+FAST = ["--digits_variant", "imbalanced", "--dense_epochs", "1", "--allow_weak_dense_model", "true", "--num_train_epochs", "2", "--pruning_end_epoch", "1",
         "--disable_tqdm", "true"]  # fmt: skip
 
 # (flags of scripts/run_ceag.py, words the error must contain); each fails before any data is loaded or model

@@ -48,7 +48,7 @@ def test_trainer_prunes_in_nested_fairgrape_rounds(tiny_model, digits, make_conf
 def test_cli_pruning_method_fairgrape(tmp_path):
     reports = run_ceag.main(
         [
-            "--output_dir", str(tmp_path), "--pruning_method", "fairgrape", "--dense_epochs", "1",
+            "--output_dir", str(tmp_path), "--pruning_method", "fairgrape", "--dense_epochs", "1", "--allow_weak_dense_model", "true",
             "--num_train_epochs", "2", "--pruning_end_epoch", "1", "--fairgrape_calibration_batches", "2",
             "--digits_variant", "imbalanced", "--disable_tqdm", "true",
         ]

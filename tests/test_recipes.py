@@ -420,7 +420,7 @@ def test_recipe_file_with_overrides_runs_through_the_cli(utkface_dir, tmp_path):
     reports = run_ceag.main(
         [
             str(CONFIG_DIR / "utkface_race_gender.yaml"), "--data_dir", str(utkface_dir), "--model_name_or_path", "test_resnet",
-            "--image_size", "16", "--dense_epochs", "1", "--num_train_epochs", "2", "--pruning_end_epoch", "1",
+            "--image_size", "16", "--dense_epochs", "1", "--allow_weak_dense_model", "true", "--num_train_epochs", "2", "--pruning_end_epoch", "1",
             "--per_device_train_batch_size", "8", "--pruning_frequency", "1", "--buffer_size", "2",
             "--dataloader_num_workers", "0", "--methods", "ceag", "--output_dir", str(out), "--disable_tqdm", "true",
         ]

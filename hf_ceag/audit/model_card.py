@@ -20,6 +20,7 @@ from ..models.rgb_input import RGB_INPUT_KEY, input_channels
 from .report import INCONCLUSIVE, plot_excess_gaps, report_markdown
 
 TEMPLATE_NAME = "ceag_model_card.md"
+UNNAMED_DATASET = "unnamed dataset"
 MAX_GROUP_RESULTS = 100  # per split in the YAML model-index; report.json has them all
 METHOD_TEXT = {
     "ceag": "CEAG (constrained excess accuracy gap)",
@@ -205,21 +206,33 @@ def training_settings(args, schedule, group_columns: list[str]) -> dict[str, Any
 
 
 def violation_warning(report: dict[str, Any]) -> str | None:
-    """The warning text if a training group breaks its constraint, else None. This gates `push_to_hub` as
-    strictly as before intervals were judged: a group counts when its point ψ_g exceeds ε (the quantity the
-    method constrains) or its whole ψ_g interval lies above ε ('violated'). An 'inconclusive' group whose point
-    ψ_g is within ε does not block publishing; the card names it under its verdict."""
+    """What keeps the model from being published, or None: it gates `push_to_hub` (and opens the card of a model
+    published anyway).
+
+    * A training group breaks its constraint: its point ψ_g exceeds ε (the quantity the method constrains) or its
+      whole ψ_g interval lies above ε ('violated'). An 'inconclusive' group whose point ψ_g is within ε does not
+      block publishing; the card names it under its verdict.
+    * The overall accuracy fell by more than the report's `max_accuracy_drop` on any split: ψ_g is relative, so a
+      model that collapsed for every group alike would otherwise pass."""
+    problems = []
     train = report["splits"].get("train")
-    if train is None:
-        return None
-    over = max(train.get("groups_over_tolerance", 0), train["violated_groups"])
-    if not over:
-        return None
-    return (
-        f"On its training data, {over} group(s) exceed the tolerance ε = {report['tolerance']:g} "
-        f"(max excess accuracy gap {train['max_excess_gap']:+.4f}; {train['violated_groups']} of them violated "
-        f"by the {train.get('status_basis', 'point estimate')})."
-    )
+    over = max(train.get("groups_over_tolerance", 0), train["violated_groups"]) if train is not None else 0
+    if over:
+        problems.append(
+            f"On its training data, {over} group(s) exceed the tolerance ε = {report['tolerance']:g} "
+            f"(max excess accuracy gap {train['max_excess_gap']:+.4f}; {train['violated_groups']} of them violated "
+            f"by the {train.get('status_basis', 'point estimate')})."
+        )
+    limit = report.get("max_accuracy_drop")
+    for split, data in report["splits"].items():
+        drop = data.get("accuracy_drop")
+        if limit is not None and drop is not None and drop > limit:
+            problems.append(
+                f"On its {split} data, the overall accuracy fell by {drop:.3f} ({data['accuracy_dense']:.3f} → "
+                f"{data['accuracy_sparse']:.3f}), more than max_accuracy_drop = {limit:g}: small excess gaps then "
+                "mean only that every group lost alike."
+            )
+    return " ".join(problems) or None
 
 
 def inconclusive_groups(report: dict[str, Any]) -> dict[str, list[str]]:
@@ -248,6 +261,7 @@ def build_model_card(
     grayscale: bool = False,
     rgb_input: bool = False,
     with_processor: bool = True,
+    python_config: str = "",
 ) -> ModelCard:
     """Render the card. `training` holds the run settings shown in the card (pruning, buffer_size, dual_lr,
     epochs, group_columns). A violated model gets a warning at the top (callers gate publishing).
@@ -256,9 +270,11 @@ def build_model_card(
     `repo_or_path`, `base_model` and `dataset_name` go into the metadata when they are Hub ids; a local folder
     is named by its folder name only (never a path of the machine that trained it). `task` is the pipeline
     task (`model_task`); `layer_names` maps the pruned layers' parameter names to their names in the saved
-    weights file (`saved_parameter_names`)."""
+    weights file (`saved_parameter_names`). `dataset_name` is the data's own name (None: the card says it is
+    unnamed). `command` is the command line that made the model; without one (a run from Python),
+    `python_config` (the `CEAGConfig(...)` call, `config_call`) is shown instead."""
     hub_base = base_model if _is_hub_id(base_model) else None
-    dataset_label = dataset_name or "scikit-learn digits (embedded)"
+    dataset_label = dataset_name or UNNAMED_DATASET
     hub_dataset = dataset_name if _is_hub_id(dataset_name) else None
     tags = [task, "pruning", "sparse", "fairness", "hf-ceag", report["method"]]
     if timm_architecture:
@@ -311,7 +327,11 @@ def build_model_card(
         with_processor=with_processor,
         timm_architecture=timm_architecture,
         timm_hub_prefix="hf-hub:" if _is_hub_id(repo_or_path) else "local-dir:",
-        command=command or "(not recorded)",
+        command=command,
+        python_config=python_config,
+        dataset_text=f"`{dataset_label}`" if dataset_name else "an unnamed dataset (its name was not recorded)",
+        hf_ceag_version=library_versions().get("hf-ceag", "0.1.0"),
+        max_accuracy_drop=report.get("max_accuracy_drop"),
         versions=library_versions(),
         pruning_text=training.get("pruning", ""),
         buffer_size=training.get("buffer_size", ""),
@@ -352,8 +372,35 @@ def run_model_card(
         command=command,
         timm_architecture=timm_architecture if isinstance(timm_architecture, str) else None,
         allow_violated_constraints=allow_violated_constraints,
+        python_config="" if command else config_call(args),
         **{k: kwargs[k] for k in ("license", "task", "grayscale", "rgb_input", "layer_names", "with_processor")},
     )
+
+
+# TrainingArguments fields that shape the result, shown with hf-ceag's own in a run's `CEAGConfig(...)` call
+RESULT_FIELDS = (
+    "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+    "optim_args", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
+    "label_smoothing_factor", "bf16", "fp16", "seed", "data_seed", "train_sampling_strategy",
+)  # fmt: skip
+
+
+def config_call(args) -> str:
+    """The `CEAGConfig(...)` call that gives `args` (a `CEAGConfig`) its result-shaping values: hf-ceag's own
+    fields and `RESULT_FIELDS` where they differ from the defaults, with the output folder named by its name only
+    (and no token: none of these fields holds one)."""
+    import dataclasses
+
+    own = set(type(args).__annotations__)
+    shown = [f"output_dir={_local_name(args.output_dir)!r}"]
+    for f in dataclasses.fields(args):
+        if not f.init or (f.name not in own and f.name not in RESULT_FIELDS):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(args, f.name)
+        if value != default and "token" not in f.name:
+            shown.append(f"{f.name}={getattr(value, 'value', value)!r}")  # an enum by its value
+    return "CEAGConfig(" + ", ".join(shown) + ")"
 
 
 def write_model_folder_extras(report: dict[str, Any], card: ModelCard, folder: str) -> None:

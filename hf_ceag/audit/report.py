@@ -119,10 +119,12 @@ def split_report(
     ψ_g = (Acc_dense(g) − Acc_sparse(g)) − (Acc_dense − Acc_sparse), accuracies as fractions of the split's
     rows. Status per group: 'too few samples' below `min_samples` rows, 'unconstrained' for groups absent
     from training (id >= `num_constrained_groups`), else judged by `gap_status` from the 95 % bootstrap
-    interval of ψ_g: 'satisfied', 'inconclusive' or 'violated'. The summary covers the judged groups (the
-    constrained ones with enough samples): max ψ_g, spread, the count of each status (`satisfied_groups`,
-    `inconclusive_groups`, `violated_groups` of `judged_groups`), `groups_over_tolerance` (point estimate
-    ψ_g > ε) and `satisfied` (max ψ_g ≤ ε on the point estimates: the method's own criterion).
+    interval of ψ_g: 'satisfied', 'inconclusive' or 'violated'. The headline covers every group of the split,
+    whatever its status, so that none is left out silently: max ψ_g (with the group and its status), the spread,
+    `groups_over_tolerance` (point estimate ψ_g > ε) and `satisfied` (max ψ_g ≤ ε on the point estimates: the
+    method's own criterion); the statuses count the judged groups (`satisfied_groups`, `inconclusive_groups`,
+    `violated_groups` of `judged_groups`, the constrained ones with enough samples). `accuracy_drop` is the
+    overall dense − sparse accuracy: ψ_g is relative, so a model that collapses for every group alike has ψ ≈ 0.
     `bootstrap_samples=0` skips the ψ_g intervals (cheap, for logging): the point estimates then decide the
     statuses (`status_basis` says which).
     """
@@ -171,7 +173,9 @@ def split_report(
             entry["excess_gap_ci"] = interval
         groups.append(entry)
     judged = [e["excess_gap"] for e in groups if e["status"] in JUDGED]
-    max_gap = max(judged) if judged else float("nan")
+    gaps = [e["excess_gap"] for e in groups]
+    worst = max(groups, key=lambda e: e["excess_gap"]) if groups else None
+    max_gap = worst["excess_gap"] if worst else float("nan")
     overall_dense_ci = wilson_interval(dense_correct.sum(), n_all)
     overall_sparse_ci = wilson_interval(sparse_correct.sum(), n_all)
     return {
@@ -180,18 +184,22 @@ def split_report(
         "accuracy_dense_ci": [float(overall_dense_ci[0]), float(overall_dense_ci[1])],
         "accuracy_sparse": float(sparse_overall),
         "accuracy_sparse_ci": [float(overall_sparse_ci[0]), float(overall_sparse_ci[1])],
+        "accuracy_drop": float(dense_overall - sparse_overall),
+        # the headline covers every group of the split, judged or not: none can hide behind a flag
         "max_excess_gap": max_gap,
-        "excess_gap_spread": (max(judged) - min(judged)) if judged else float("nan"),
+        "max_excess_gap_group": worst["name"] if worst else None,
+        "max_excess_gap_status": worst["status"] if worst else None,
+        "excess_gap_spread": (max(gaps) - min(gaps)) if gaps else float("nan"),
         "judged_groups": len(judged),
         "satisfied_groups": sum(e["status"] == SATISFIED for e in groups),
         "inconclusive_groups": sum(e["status"] == INCONCLUSIVE for e in groups),
         "violated_groups": sum(e["status"] == VIOLATED for e in groups),
-        "groups_over_tolerance": sum(gap > tolerance for gap in judged),
+        "groups_over_tolerance": sum(gap > tolerance for gap in gaps),
         "status_basis": "point estimate" if psi_ci is None else f"{INTERVAL_LEVEL:.0%} bootstrap interval",
         # FairGRAPE's disparity metric: population std of the per-group accuracy change (all groups present)
         "accuracy_change_std": float(torch.tensor([e["accuracy_change"] for e in groups]).std(unbiased=False)),
         "too_few_samples_groups": sum(e["status"] == TOO_FEW for e in groups),
-        "satisfied": bool(judged) and max_gap <= tolerance,
+        "satisfied": bool(gaps) and max_gap <= tolerance,
         "min_samples": min_samples,
         "groups": groups,
     }
@@ -255,28 +263,41 @@ def status_counts(data: dict[str, Any]) -> str:
     )
 
 
+def headline(data: dict[str, Any]) -> str:
+    """The split's max ψ_g with its group (and that group's status when it is not judged), and the overall accuracy
+    drop beside it: "max excess gap +0.1140 (inverted: too few samples); accuracy 0.920 → 0.905 (drop +0.015)"."""
+    status = data.get("max_excess_gap_status")
+    flag = f": {status}" if status in (TOO_FEW, UNCONSTRAINED) else ""
+    group = f" ({data['max_excess_gap_group']}{flag})" if data.get("max_excess_gap_group") is not None else ""
+    return (
+        f"max excess gap {data['max_excess_gap']:+.4f}{group}; accuracy {data['accuracy_dense']:.3f} → "
+        f"{data['accuracy_sparse']:.3f} (drop {data['accuracy_drop']:+.3f})"
+    )
+
+
 def verdict(split: str, data: dict[str, Any], tolerance: float) -> str:
-    """One plain sentence on a split: its groups counted by status, and what that says about ε."""
+    """One plain sentence on a split: its groups counted by status, what that says about ε, and the headline."""
     held_out = "" if split == "train" else " (held-out data: a check of generalisation, not a guarantee)"
     few = data["too_few_samples_groups"]
     few_text = f"; {few} group(s) have fewer than {data['min_samples']} samples to tell" if few else ""
     if data["judged_groups"] == 0:
-        return f"{split}: no group has enough samples to judge{held_out}."
+        return f"{split}: no group has enough samples to judge; {headline(data)}{held_out}."
     basis = data["status_basis"]
     if data["violated_groups"]:
         reading = (
-            f"{data['violated_groups']} group(s) lost more than ε = {tolerance:g} beyond the model's overall loss"
+            f"{data['violated_groups']} group(s) lost more than ε = {tolerance:g} accuracy beyond the model's "
+            "overall accuracy loss"
         )
     elif data["inconclusive_groups"]:
         reading = (
-            f"no group is shown to lose more than ε = {tolerance:g} beyond the model's overall loss, but for "
-            f"{data['inconclusive_groups']} group(s) the interval straddles ε: the data cannot tell"
+            f"no group is shown to lose more than ε = {tolerance:g} accuracy beyond the model's overall accuracy "
+            f"loss, but for {data['inconclusive_groups']} group(s) the interval straddles ε: the data cannot tell"
         )
     else:
         reading = f"every judged group lost at most ε = {tolerance:g} more accuracy than the model overall"
     return (
-        f"{split}: {status_counts(data)}: {reading} (status by the {basis} of ψ_g; max excess gap "
-        f"{data['max_excess_gap']:+.4f}){few_text}{held_out}."
+        f"{split}: {status_counts(data)}: {reading} (status by the {basis} of ψ_g); {headline(data)}{few_text}"
+        f"{held_out}."
     )
 
 
@@ -325,6 +346,7 @@ def run_report(args, splits: dict[str, dict[str, Any]], pruner, group_index, pro
         pruning_seconds=pruning_seconds,
         dual_steps=problem.dual_steps if problem is not None else 0,
         constraint_split=args.constraint_split,
+        max_accuracy_drop=args.max_accuracy_drop,
         split_rows=split_descriptions(list(splits), args.constraint_split),
         multipliers=multipliers,
     )
@@ -343,11 +365,17 @@ def _interval(ci: list[float] | None) -> str:
     return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _headline_group(data: dict[str, Any]) -> str:
+    name = data.get("max_excess_gap_group")
+    return "" if name is None else f" ({name})"
+
+
 def report_markdown(report: dict[str, Any], split: str) -> str:
     """Markdown table of one split: per group n, accuracies with intervals, Δ_g, ψ_g with interval, status."""
     data = report["splits"][split]
     rows = [
-        "| group | n | dense accuracy [95% CI] | sparse accuracy [95% CI] | Δ_g | ψ_g [95% CI] | status |",
+        "| group | n | dense accuracy [95% CI] | sparse accuracy [95% CI] | accuracy lost Δ_g | excess gap ψ_g "
+        "[95% CI] | status |",
         "|---|---:|---|---|---:|---|---|",
     ]
     for g in data["groups"]:
@@ -359,8 +387,8 @@ def report_markdown(report: dict[str, Any], split: str) -> str:
     rows.append(
         f"| **all** | {data['n']} | {data['accuracy_dense']:.3f}{_interval(data['accuracy_dense_ci'])} | "
         f"{data['accuracy_sparse']:.3f}{_interval(data['accuracy_sparse_ci'])} | "
-        f"{data['accuracy_dense'] - data['accuracy_sparse']:+.3f} | max {data['max_excess_gap']:+.3f}, "
-        f"spread {data['excess_gap_spread']:.3f} | {status_counts(data)} |"
+        f"{data['accuracy_drop']:+.3f} | max {data['max_excess_gap']:+.3f}"
+        f"{_headline_group(data)}, spread {data['excess_gap_spread']:.3f} | {status_counts(data)} |"
     )
     return "\n".join(rows)
 
@@ -429,7 +457,8 @@ def format_report(report: dict[str, Any]) -> str:
     for split, data in report["splits"].items():
         lines.append(
             f"[{split}] n={data['n']}  accuracy dense={data['accuracy_dense']:.4f} "
-            f"sparse={data['accuracy_sparse']:.4f}  max excess gap={data['max_excess_gap']:+.4f}  "
+            f"sparse={data['accuracy_sparse']:.4f}  max excess gap={data['max_excess_gap']:+.4f}"
+            f"{_headline_group(data)}  "
             f"max <= eps: {'yes' if data['satisfied'] else 'NO'}  {status_counts(data)}"
         )
         lines.append(

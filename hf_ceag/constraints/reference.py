@@ -91,3 +91,23 @@ class DenseReference:
         if not all(math.isfinite(v) for v in reference.group_loss):
             raise ValueError(f"{path}: dense reference has non-finite losses.")
         return reference
+
+
+CHANCE_MARGIN = 0.05  # a dense model must beat the most frequent class's share by more than this
+
+
+def check_dense_model_is_trained(accuracy: float, labels: torch.Tensor, allow_weak: bool) -> None:
+    """Refuse a dense model at or near chance on its own training data (accuracy ≤ the most frequent class's share
+    + `CHANCE_MARGIN`), before any pruning: every ψ_g measured against it would be meaningless (an untrained model,
+    or the wrong checkpoint), and a sparse model at chance too would satisfy every constraint."""
+    labels = labels.long().reshape(-1)
+    if allow_weak or labels.numel() == 0:
+        return
+    chance = float(torch.bincount(labels).max()) / labels.numel()
+    if accuracy <= chance + CHANCE_MARGIN:
+        raise ValueError(
+            f"The dense model's training accuracy is {accuracy:.3f}, at most {CHANCE_MARGIN:.2f} above chance "
+            f"({chance:.3f}, the most frequent class's share): it looks untrained, and pruning it would audit "
+            "nothing. Pass the trained dense model (e.g. train it first with transformers.Trainer), or set "
+            "allow_weak_dense_model=True to prune it anyway."
+        )

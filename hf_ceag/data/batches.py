@@ -88,3 +88,51 @@ def collate_columns(columns: dict[str, Any]) -> dict[str, Any]:
 
 def _first(values: Any) -> Any:
     return values[0] if len(values) else None
+
+
+class GroupIdCollator:
+    """A user's `data_collator` with the group ids carried around it: it gets the rows as from the `Trainer`, and
+    when its batch lacks `GROUP_ID_COLUMN` (a collator that builds only `pixel_values` and `labels`, as
+    transformers' example scripts do), the rows' ids are added to it."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, rows) -> dict[str, Any]:
+        from .groups import GROUP_ID_COLUMN
+
+        batch = self.collator(rows)
+        if GROUP_ID_COLUMN in batch or isinstance(rows, Columns):
+            return batch
+        ids = [row.get(GROUP_ID_COLUMN) for row in rows]
+        if any(i is None for i in ids):
+            return batch  # a dataset transform dropped them: `check_collated_batch` says so before training
+        batch[GROUP_ID_COLUMN] = torch.as_tensor([int(i) for i in ids], dtype=torch.long)
+        return batch
+
+
+def check_collated_batch(rows: Any, collator, label_columns: tuple[str, ...]) -> None:
+    """Collate two training rows (`rows`: the dataset as the training dataloader reads it) as the training
+    dataloader will, and refuse, before any long work, a batch without labels or group ids. The random number
+    generators are left as they were (a random augmentation draws from them)."""
+    import random
+
+    from .groups import GROUP_ID_COLUMN
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        batch = collator([rows[i] for i in range(min(2, len(rows)))])
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    keys = list(batch.keys()) if hasattr(batch, "keys") else type(batch).__name__
+    if not any(k in batch for k in label_columns):
+        raise ValueError(
+            f"CEAGTrainer: a training batch from the data_collator has no labels (keys: {keys}); expected one of "
+            f"{label_columns}. Make the collator (or the dataset transform) return the class ids as 'labels'."
+        )
+    if GROUP_ID_COLUMN not in batch:
+        raise ValueError(
+            f"CEAGTrainer: a training batch has no {GROUP_ID_COLUMN!r} (keys: {keys}): the dataset's transform or "
+            "the data_collator dropped each row's group id. Return the rows' other columns from the transform "
+            "(add to the batch it is given rather than building a new dict), or keep that column in the collator."
+        )

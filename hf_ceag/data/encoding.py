@@ -125,3 +125,19 @@ def hold_out_rows(
     primal = torch.ones(len(ids), dtype=torch.bool)
     primal[held_rows] = False
     return dataset.select(primal.nonzero().flatten().tolist()), dataset.select(held_rows.tolist())
+
+
+PACKAGED_BUILDERS = ("imagefolder", "csv", "json", "parquet", "arrow", "text", "webdataset", "generator")
+
+
+def dataset_display_name(dataset: datasets.Dataset) -> str | None:
+    """The dataset's own name, as the model card states it: `DatasetInfo.dataset_name` (a Hub dataset's name,
+    or hf-ceag's loaders'), else the builder (and its config) that loaded it, e.g. "imagefolder"; None for an
+    unnamed in-memory dataset. Never a name the data does not carry."""
+    info = dataset.info
+    if info.dataset_name and info.dataset_name not in PACKAGED_BUILDERS:
+        return info.dataset_name
+    if info.builder_name:
+        config = f" ({info.config_name})" if info.config_name and info.config_name != "default" else ""
+        return f"{info.builder_name}{config}"
+    return None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import datasets
 from PIL import Image
 
-from .images import _image_transform
+from .images import ImageTransform
 
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
 FAIRFACE_RACES = (
@@ -77,7 +77,7 @@ def _features(label_names: Sequence[str], columns: Sequence[str]) -> datasets.Fe
 
 
 def _finish(data: datasets.DatasetDict, image_column: str, image_size: int) -> datasets.DatasetDict:
-    data.set_transform(_image_transform(image_column, image_size, channels=3))
+    data.set_transform(ImageTransform(image_column, image_size, channels=3))
     return data
 
 

@@ -40,6 +40,21 @@ def group_means(
     return sums / counts.clamp(min=1).to(values.dtype), counts
 
 
+class CarryGroupIds:
+    """A dataset transform that keeps each row's group id in its output, whatever the user's transform returns
+    (one that builds a new dict of `pixel_values` and `labels` would drop it)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        ids = batch.get(GROUP_ID_COLUMN)
+        out = self.transform(batch)
+        if ids is not None and GROUP_ID_COLUMN not in out:
+            out[GROUP_ID_COLUMN] = ids
+        return out
+
+
 def _column_values(dataset: datasets.Dataset, column: str) -> list:
     # Read the raw stored values (no user transform, no torch formatting).
     return list(dataset.with_format(None)[column])
@@ -145,9 +160,9 @@ class GroupIndex:
         encoded = dataset.with_format(None).add_column(GROUP_ID_COLUMN, ids)
         columns = None if fmt["columns"] is None else [*fmt["columns"], GROUP_ID_COLUMN]
         if fmt["type"] == "custom":
-            encoded.set_transform(
-                fmt["format_kwargs"]["transform"], columns=columns, output_all_columns=fmt["output_all_columns"]
-            )
+            transform = fmt["format_kwargs"]["transform"]
+            transform = transform if isinstance(transform, CarryGroupIds) else CarryGroupIds(transform)
+            encoded.set_transform(transform, columns=columns, output_all_columns=fmt["output_all_columns"])
         else:
             encoded = encoded.with_format(
                 fmt["type"], columns=columns, output_all_columns=fmt["output_all_columns"], **fmt["format_kwargs"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .groups import check_group_columns
+from .preprocessing import DIGITS_DATASET
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # approximate moments of load_digits pixels scaled to [0, 1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -68,7 +69,10 @@ def load_digits_dataset(
 
     def split(idx: np.ndarray) -> datasets.Dataset:
         data = {"pixel_values": images[idx], "label": labels[idx], "group": labels[idx]}
-        return datasets.Dataset.from_dict(data, features=features).with_format("torch")
+        info = datasets.DatasetInfo(
+            dataset_name=DIGITS_DATASET, description="scikit-learn's load_digits", features=features
+        )
+        return datasets.Dataset.from_dict(data, features=features, info=info).with_format("torch")
 
     return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
 
@@ -144,27 +148,33 @@ def digits_pixel_values(images: np.ndarray, image_size: int) -> torch.Tensor:
     return (pixels - DIGITS_MEAN) / DIGITS_STD
 
 
-def _image_transform(image_column: str, image_size: int, channels: int):
-    from torchvision.transforms import v2
+class ImageTransform:
+    """The dataset transform of `load_image_dataset`: each image (converted to RGB, or to grayscale for 1 channel)
+    resized to `image_size` (bilinear, as a PIL image: as timm's eval transform and transformers' image processors
+    resize), scaled to [0, 1] and normalised. `image_processor()` is the same preprocessing as a transformers image
+    processor, saved beside the model so that `pipeline` sees exactly the pixel values the model was trained on."""
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    # Resized as a PIL image (bilinear), as timm's eval transform and transformers' image processors resize: the
-    # saved folder's `pipeline` then sees exactly the pixel values the model was trained on.
-    pipeline = v2.Compose(
-        [
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR),
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
-    mode = "RGB" if channels == 3 else "L"
+    def __init__(self, image_column: str, image_size: int, channels: int) -> None:
+        from torchvision.transforms import v2
 
-    def transform(batch: dict) -> dict:
-        batch["pixel_values"] = [pipeline(image.convert(mode)) for image in batch.pop(image_column)]
+        self.image_column, self.image_size, self.channels = image_column, image_size, channels
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+        self.pipeline = v2.Compose(
+            [
+                v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
+
+    def __call__(self, batch: dict) -> dict:
+        mode = "RGB" if self.channels == 3 else "L"
+        batch["pixel_values"] = [self.pipeline(image.convert(mode)) for image in batch.pop(self.image_column)]
         return batch
 
-    return transform
+    def image_processor(self):
+        return image_processor(self.image_size, self.channels)
 
 
 def load_image_dataset(
@@ -226,7 +236,7 @@ def load_image_dataset(
         )
         loaded = {"train": train.select(np.sort(train_idx)), "test": train.select(np.sort(test_idx))}
     loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
-    loaded.set_transform(_image_transform(image_column, image_size, channels))
+    loaded.set_transform(ImageTransform(image_column, image_size, channels))
     return loaded
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import DIGITS_MEAN, DIGITS_STD
+from .preprocessing import STYLED_DIGITS_DATASET
 
 STYLES = ("plain", "inverted")
 _WORK_SIZE = 32  # augmentations are drawn at this resolution, then the images are resized to image_size
@@ -86,7 +87,8 @@ def load_styled_digits_dataset(
             "label": np.repeat(labels[idx], copies),
             "group": style.numpy(),
         }
-        return datasets.Dataset.from_dict(data, features=features).with_format("torch")
+        info = datasets.DatasetInfo(dataset_name=STYLED_DIGITS_DATASET, description=__doc__, features=features)
+        return datasets.Dataset.from_dict(data, features=features, info=info).with_format("torch")
 
     return datasets.DatasetDict({"train": split(train_idx), "test": split(test_idx)})
 

@@ -103,6 +103,7 @@ def save_grayscale_as_rgb(folder: str, model: nn.Module) -> bool:
         with open(processor_file) as f:
             processor = json.load(f)
         _repeat_normalisation(processor, "image_mean", "image_std")
+        processor["do_convert_rgb"] = True  # a grey image given to the processor becomes the RGB image it takes
         with open(processor_file, "w") as f:
             json.dump(processor, f, indent=2)
     return True
