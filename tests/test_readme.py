@@ -35,18 +35,33 @@ def test_cli_example_flags_exist():
     assert script.dataset_name == "imagefolder" and config.group_columns == ["tone"]
 
 
-def test_python_example_runs(tmp_path):
+def test_python_example_runs_and_its_folder_is_pipeline_ready(tmp_path, check_pipeline):
+    """The README's Python example, shortened: it prints a per-group table, and `pipeline` on the folder it saves
+    gives the model's own predictions on real digit images (it used to keep timm's default preprocessing and
+    call every image the same class)."""
     code = code_blocks("python")[0]
     assert "Trainer(model=model, args=dense" in code  # the example prunes a trained model, not a random one
-    code = code.replace("num_train_epochs=15", "max_steps=4").replace("num_train_epochs=8", "max_steps=6")
-    code = code.replace("pruning_end_epoch=3", "pruning_end_epoch=0.1")
+    assert "processing_class" not in code  # the digits loader's preprocessing is known: nothing to pass
+    code = code.replace("copies=2", "copies=1").replace("num_train_epochs=15", "num_train_epochs=3")
+    code = code.replace("num_train_epochs=12", "max_steps=6").replace("pruning_end_epoch=3", "pruning_end_epoch=0.1")
+    printed = []
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own snippets)
+        exec(compile(code, "README.md", "exec"), {"print": printed.append})  # noqa: S102 (the README's own snippets)
     finally:
         os.chdir(cwd)
-    assert (tmp_path / "out" / "sparse" / "model.safetensors").exists()
+    table = printed[-1]
+    assert "[train]" in table and "[test]" in table and re.search(r"^  inverted +\d+ ", table, flags=re.MULTILINE)
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from hf_ceag.data.images import digits_pixel_values
+
+    digits = load_digits().images[:60]
+    images = [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L") for image in digits]
+    check_pipeline(tmp_path / "out" / "sparse", images, digits_pixel_values(digits, 16), atol=0.02)
 
 
 def test_launcher_lines_are_the_ones_the_scale_out_tests_run():
