@@ -81,4 +81,5 @@ def test_the_trainer_fetches_columns_only_with_the_default_collator(tiny_model, 
         return default_data_collator(rows)
 
     mine = CEAGTrainer(tiny_model, make_config(), train_dataset=digits["train"], data_collator=own)
-    assert mine.data_collator is own and not isinstance(mine.get_train_dataloader().dataset, ColumnBatches)
+    # a collator of the user's gets rows, as from the Trainer, with the group ids carried around it
+    assert mine.data_collator.collator is own and not isinstance(mine.get_train_dataloader().dataset, ColumnBatches)
