@@ -127,6 +127,11 @@ def resume_checkpoint(
         return _newest_whole(output_dir, save_only_model)
     if not resume_from_checkpoint:
         return None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise ValueError(
+            f"resume_from_checkpoint={resume_from_checkpoint!r}: folder not found. Give a checkpoint-<step> folder, "
+            "or True for the newest complete checkpoint in output_dir."
+        )
     problems = checkpoint_problems(resume_from_checkpoint, save_only_model)
     if problems:
         parent = os.path.dirname(os.path.normpath(resume_from_checkpoint))
@@ -135,10 +140,10 @@ def resume_checkpoint(
             f"The last complete checkpoint beside it is {last}" if last else "No checkpoint beside it is complete"
         )
         raise ValueError(
-            f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete: {', '.join(problems)}. A run stopped "
-            "while writing it (a crash or a full disk), or it was copied without those files (a checkpoint not "
-            "written by CEAGTrainer has no constrained state); resuming it would fail or restart the multipliers, "
-            f"buffers and masks from zero. {fallback}: {_FIX}."
+            f"resume_from_checkpoint={resume_from_checkpoint!r} is incomplete: {', '.join(problems)}. A run "
+            "stopped while writing it (a crash or a full disk), or it was copied without those files (a checkpoint "
+            "not written by CEAGTrainer has no constrained state at all); resuming it would fail or restart the "
+            f"multipliers, buffers and masks from zero. {fallback}: {_FIX}."
         )
     return resume_from_checkpoint
 
@@ -154,14 +159,15 @@ def _newest_whole(output_dir: str, save_only_model: bool) -> str:
     else:
         found = f": none is complete, {'; '.join(skipped)}" if skipped else ""
         raise ValueError(
-            f"resume_from_checkpoint=True: no complete checkpoint in output_dir={output_dir!r}{found}. Start a new "
-            "run without resume_from_checkpoint, or give the path of a complete checkpoint."
+            f"resume_from_checkpoint=True: no complete checkpoint in output_dir={output_dir!r}{found}. Start a "
+            "new run without resume_from_checkpoint, or give the path of a complete checkpoint."
         )
     if skipped:
         warnings.warn(
-            f"resume_from_checkpoint=True: passing over the incomplete {'; '.join(skipped)} in {output_dir} (a run "
-            f"stopped while writing it: a crash or a full disk). Resuming from {os.path.basename(folder)}, the last "
-            "complete checkpoint. Delete the incomplete folder to silence this warning.",
+            f"resume_from_checkpoint=True: passing over the incomplete {'; '.join(skipped)} in {output_dir} (a "
+            "run stopped while writing it: a crash or a full disk). Resuming from "
+            f"{os.path.basename(folder)}, the last complete checkpoint. Delete the incomplete folder to silence "
+            "this warning.",
             UserWarning,
             stacklevel=3,
         )
