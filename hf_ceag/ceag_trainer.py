@@ -31,13 +31,14 @@ import datasets
 import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, TrainerCallback, default_data_collator
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .audit.model_card import run_model_card, violation_warning, write_model_folder_extras
 from .audit.predictions import predict_every_row
 from .audit.report import group_metrics, run_report, save_report, split_report
 from .callbacks import NonFiniteGuard
 from .ceag_config import CEAGConfig
+from .checkpoints import check_writable_folder, resume_checkpoint
 from .constraints.held_out import HeldOutRows
 from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference, check_dense_model_is_trained
@@ -97,6 +98,8 @@ class CEAGTrainer(Trainer):
         config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
         narrow_for_grayscale_data(model, train_dataset)  # a grayscale model hf-ceag published as an RGB one
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
+        if config.should_save:  # found now, not when the run first saves (after the dense pass, or hours later)
+            check_writable_folder(config.output_dir)
         if params.get("processing_class") is None:  # so that every saved folder is `pipeline`-ready where it can be
             params["processing_class"] = known_image_processor(train_dataset)
         self.dataset_name = dataset_display_name(train_dataset)
@@ -245,22 +248,16 @@ class CEAGTrainer(Trainer):
             )
         if saved is not None:
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
+            self.pruning.seconds = saved.pruning_seconds
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 
     def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        return resume_from_checkpoint or None
+        # the newest complete checkpoint for True (incomplete ones passed over, with a warning); a given one whole
+        return resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.save_only_model)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Save the Trainer checkpoint, then the constrained state beside it (identical on every process)."""
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
+        """Save the constrained state (identical on every process), then the Trainer checkpoint beside it: the
+        Trainer writes `trainer_state.json` last, and removes older checkpoints only once this one is whole."""
         if self.args.should_save and self.problem is not None:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -268,7 +265,13 @@ class CEAGTrainer(Trainer):
             ConstrainedState.capture(
                 self.problem, self.dual_optimizer, self.pruner, self.dense_reference, self.dense_correct,
                 self.group_index, self.args.mitigation, self.args.buffer_size, self.constraint_reference,
+                self.pruning_seconds,
             ).save(folder)  # fmt: skip
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
 
     def _compute_dense_statistics(self) -> DenseReference:
         """One eval-mode pass of the (still dense) model over every audited split: the reference (on the rows the

@@ -309,3 +309,53 @@ def test_command_mistakes_fail_early_with_a_clear_error(tmp_path, monkeypatch, m
     for word in words:
         assert word in str(error.value), (word, str(error.value))
     assert not out.exists()
+
+
+def _output_dir_under_a_file(tmp_path, monkeypatch):
+    (tmp_path / "results.txt").write_text("a file, not a folder")
+    return tmp_path / "results.txt" / "run", "NotADirectoryError"
+
+
+def _read_only_output_dir(tmp_path, monkeypatch):
+    # a read-only folder or disk, as the OS refuses it to any user but root (tests may run as root, for whom
+    # permission bits refuse nothing): creating a file in it fails
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    return folder, "PermissionError"
+
+
+UNWRITABLE = [_output_dir_under_a_file, _read_only_output_dir]
+
+
+@pytest.mark.parametrize("make", UNWRITABLE, ids=[m.__name__[1:] for m in UNWRITABLE])
+def test_an_output_dir_that_cannot_be_written_is_refused_at_construction(
+    tmp_path, monkeypatch, tiny_model, digits, make_config, make
+):
+    """It used to be found when the run first saved: after the dense pass, or at the first checkpoint."""
+    from hf_ceag import CEAGTrainer
+
+    output_dir, reason = make(tmp_path, monkeypatch)
+    with pytest.raises(ValueError) as error:
+        CEAGTrainer(tiny_model, make_config(output_dir=str(output_dir)), train_dataset=digits["train"])
+    for words in (f"output_dir={str(output_dir)!r} cannot be written", reason, "folder you can write to"):
+        assert words in str(error.value), (words, str(error.value))
+
+
+def test_a_run_that_prunes_nothing_says_so(tiny_model, digits, make_config):
+    import warnings
+
+    from hf_ceag import CEAGTrainer
+
+    with pytest.warns(UserWarning, match="target_sparsity=0: nothing is pruned.*fine-tunes the dense model"):
+        CEAGTrainer(tiny_model, make_config(target_sparsity=0.0), train_dataset=digits["train"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="target_sparsity")
+        CEAGTrainer(tiny_model, make_config(), train_dataset=digits["train"])  # the default prunes: no warning

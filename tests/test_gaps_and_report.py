@@ -47,3 +47,35 @@ def test_split_report_against_naive_count():
     assert len(report["groups"]) == 4  # group "unseen" has no rows in this split
     assert report["max_excess_gap"] == pytest.approx(worst)
     assert report["satisfied"] == (worst <= 0.01)
+
+
+def test_a_split_with_no_judged_group_saves_valid_json_and_a_card_without_nan(tmp_path):
+    """max ψ_g and the spread of a split whose groups are all too small to judge do not exist: report.json says
+    null (bare NaN is not JSON), and the card's model-index leaves them out rather than write `.nan`."""
+    import json
+
+    import yaml
+
+    from hf_ceag import save_report
+    from hf_ceag.audit.model_card import build_model_card
+    from hf_ceag.audit.report import build_report
+
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    correct = torch.tensor([True, False, True, True, False])
+    split = split_report(groups, correct, correct, ["a", "b"], tolerance=0.01, min_samples=10)
+    assert split["judged_groups"] == 0 and math.isnan(split["max_excess_gap"])
+    report = build_report("ceag", 0.01, 0.5, 0.5, {"train": split})
+
+    path = save_report(report, str(tmp_path))
+    with open(path) as f:
+        saved = json.load(f, parse_constant=lambda name: pytest.fail(f"report.json holds {name}"))
+    assert saved["splits"]["train"]["max_excess_gap"] is None
+    assert saved["splits"]["train"]["excess_gap_spread"] is None
+    assert saved["splits"]["train"]["groups"][0]["accuracy_sparse"] == 0.5  # finite figures are kept
+
+    card = build_model_card(report, model_name="m", repo_or_path="m", training={}).content
+    metadata = yaml.safe_load(card.split("---")[1])  # the YAML front matter the Hub reads
+    values = [m["value"] for entry in metadata["model-index"][0]["results"] for m in entry["metrics"]]
+    assert values and all(math.isfinite(v) for v in values)
+    names = [m["name"] for entry in metadata["model-index"][0]["results"] for m in entry["metrics"]]
+    assert "accuracy (train)" in names and "max excess accuracy gap (train)" not in names

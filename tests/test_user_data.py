@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from hf_ceag import load_image_dataset
+from hf_ceag.audit.report import finite_or_none
 
 run_ceag = pytest.importorskip("scripts.run_ceag")
 
@@ -66,7 +67,7 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path, check_pipeline):
         ]
     )
     report = json.loads((out / "ceag" / "report.json").read_text())
-    assert report == json.loads(json.dumps(reports["ceag"]))
+    assert report == json.loads(json.dumps(finite_or_none(reports["ceag"])))  # NaN saved as null
     assert {g["name"] for g in report["splits"]["train"]["groups"]} == {"light", "dark"}
     assert sum(g["n"] for g in report["splits"]["test"]["groups"]) == report["splits"]["test"]["n"]
     assert (out / "dense" / "model.safetensors").exists() and (out / "ceag" / "model.safetensors").exists()

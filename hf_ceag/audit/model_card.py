@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ def _eval_results(report: dict[str, Any], dataset_name: str, task: str) -> list[
     results = []
 
     def add(metric_type: str, name: str, value: float, split: str) -> None:
+        if value is None or not math.isfinite(value):  # a figure that does not exist (no judged group)
+            return
         results.append(
             EvalResult(
                 task_type=task,

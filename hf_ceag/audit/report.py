@@ -11,6 +11,7 @@ computation.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -353,12 +354,24 @@ def run_report(args, splits: dict[str, dict[str, Any]], pruner, group_index, pro
 
 
 def save_report(report: dict[str, Any], directory: str) -> str:
-    """Write `report.json` into `directory`; return its path."""
+    """Write `report.json` into `directory`; return its path. A figure that does not exist (max ψ_g of a split
+    with no judged group: NaN) is written as `null`, so the file is valid JSON for any reader."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, REPORT_FILE)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(finite_or_none(report), f, indent=2, allow_nan=False)
     return path
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) in its dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def _interval(ci: list[float] | None) -> str:

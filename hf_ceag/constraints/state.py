@@ -2,8 +2,9 @@
 
 It holds what `Trainer` does not save: the multipliers and the dual optimizer, the replay buffers and
 per-group estimates, the pruning masks, the dense reference and the dense model's per-sample correctness
-(for reports), and the group index. Tensors go to `ceag_state.safetensors`, the rest to `ceag_state.json`;
-nothing of it enters `model.safetensors`, and nothing is unpickled on load.
+(for reports), the group index and the time spent pruning. Tensors go to `ceag_state.safetensors`, the rest to
+`ceag_state.json`; nothing of it enters `model.safetensors`, and nothing is unpickled on load. Each file is
+written under a temporary name and renamed into place, so a crash or a full disk never leaves half of one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data.groups import GroupIndex
@@ -39,6 +41,8 @@ class ConstrainedState:
     tensors: dict[str, torch.Tensor]
     dual_optimizer: dict | None
     estimate_reference: DenseReference | None = None  # held-out duals: the dense model on the held-out rows
+    pruning_seconds: float = 0.0  # time spent pruning up to the checkpoint
+    source: str | None = None  # the folder it was loaded from, named by errors
 
     @classmethod
     def capture(
@@ -52,6 +56,7 @@ class ConstrainedState:
         mitigation: str,
         buffer_size: int,
         estimate_reference: DenseReference | None = None,
+        pruning_seconds: float = 0.0,
     ) -> ConstrainedState:
         """Copy the live state (on CPU) out of the trainer's objects."""
         tensors = {
@@ -71,12 +76,13 @@ class ConstrainedState:
             dual, dual_tensors = _split_dual_state(dual_optimizer)
             tensors.update(dual_tensors)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        return cls(reference, group_index, mitigation, buffer_size, tensors, dual, estimate_reference)
+        return cls(
+            reference, group_index, mitigation, buffer_size, tensors, dual, estimate_reference, pruning_seconds
+        )
 
     def save(self, directory: str) -> None:
-        """Write `ceag_state.safetensors` and `ceag_state.json` into `directory`."""
+        """Write `ceag_state.safetensors` and `ceag_state.json` into `directory`, each whole or not at all."""
         os.makedirs(directory, exist_ok=True)
-        save_file(self.tensors, os.path.join(directory, STATE_TENSORS))
         meta = {
             "format_version": FORMAT_VERSION,
             "mitigation": self.mitigation,
@@ -85,13 +91,15 @@ class ConstrainedState:
             "group_index": self.group_index.to_dict(),
             "dual_optimizer": self.dual_optimizer,
             "estimate_reference": asdict(self.estimate_reference) if self.estimate_reference else None,
+            "pruning_seconds": self.pruning_seconds,
         }
-        with open(os.path.join(directory, STATE_JSON), "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_whole(os.path.join(directory, STATE_TENSORS), lambda path: save_file(self.tensors, path))
+        _write_whole(os.path.join(directory, STATE_JSON), lambda path: _dump_json(meta, path))
 
     @classmethod
     def load(cls, directory: str) -> ConstrainedState:
-        """Read the state saved in a checkpoint folder; a clear error if it is not there."""
+        """Read the state saved in a checkpoint folder; a `ValueError` naming the file and the fix if it is missing
+        or cannot be read (cut short, not JSON, a key missing)."""
         missing = [f for f in (STATE_TENSORS, STATE_JSON) if not os.path.isfile(os.path.join(directory, f))]
         if missing:
             raise ValueError(
@@ -100,23 +108,37 @@ class ConstrainedState:
                 "the multipliers, buffers and masks from zero; resume from a CEAGTrainer checkpoint instead, "
                 "or start a new run without resume_from_checkpoint."
             )
-        with open(os.path.join(directory, STATE_JSON)) as f:
-            meta = json.load(f)
-        reference = meta["reference"]
-        reference.pop("accuracy", None)
-        reference.pop("loss", None)
-        estimate = meta.get("estimate_reference")
-        if estimate is not None:
-            estimate.pop("accuracy", None)
-            estimate.pop("loss", None)
+        path = os.path.join(directory, STATE_JSON)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = cls._from_meta(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise unreadable(path, error) from error
+        path = os.path.join(directory, STATE_TENSORS)
+        try:
+            state.tensors = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise unreadable(path, error) from error
+        state.source = directory
+        return state
+
+    @classmethod
+    def _from_meta(cls, meta: dict) -> ConstrainedState:
+        # the JSON half; the dense references' derived figures (accuracy, loss) are recomputed, not read
+        references = []
+        for data in (meta["reference"], meta.get("estimate_reference")):
+            if data is not None:
+                data = {k: v for k, v in data.items() if k not in ("accuracy", "loss")}
+            references.append(DenseReference(**data) if data is not None else None)
         return cls(
-            reference=DenseReference(**reference),
+            reference=references[0],
             group_index=GroupIndex.from_dict(meta["group_index"]),
             mitigation=meta["mitigation"],
             buffer_size=meta["buffer_size"],
-            tensors=load_file(os.path.join(directory, STATE_TENSORS)),
+            tensors={},
             dual_optimizer=meta["dual_optimizer"],
-            estimate_reference=DenseReference(**estimate) if estimate is not None else None,
+            estimate_reference=references[1],
+            pruning_seconds=float(meta.get("pruning_seconds", 0.0)),
         )
 
     def check_compatible(self, mitigation: str, buffer_size: int, group_names: list[str]) -> None:
@@ -149,6 +171,14 @@ class ConstrainedState:
                     f"Checkpoint was written with dual_optimizer={saved!r}; this run has dual_optimizer={live!r}. "
                     f"Resume with --dual_optimizer {saved}, or start a new run without resume_from_checkpoint."
                 )
+        try:
+            self._restore_tensors(problem, pruner)
+        except KeyError as error:  # a tensor missing
+            raise unreadable(os.path.join(self.source or ".", STATE_TENSORS), error) from error
+        if dual_optimizer is not None and self.dual_optimizer is not None:
+            self._restore_dual_optimizer(dual_optimizer)
+
+    def _restore_tensors(self, problem: GroupConstrainedProblem, pruner: MagnitudePruner) -> None:
         t = self.tensors
         device = problem.multiplier.weight.device
         with torch.no_grad():
@@ -161,8 +191,6 @@ class ConstrainedState:
         problem.dual_step_count = (t["dual_steps"] if "dual_steps" in t else torch.tensor(0)).to(device)
         if problem.buffer is not None:
             problem.buffer.load_state_dict({k: t[f"buffer.{k}"] for k in ("values", "position", "count")})
-        if dual_optimizer is not None and self.dual_optimizer is not None:
-            self._restore_dual_optimizer(dual_optimizer)
         pruner.load_state_dict({k[len("mask.") :]: v for k, v in t.items() if k.startswith("mask.")})
 
     def _restore_dual_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -203,3 +231,30 @@ def _split_dual_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str,
 
     groups = [{k: plain(v) for k, v in group.items()} for group in full["param_groups"]]
     return {"name": dual_optimizer_name(optimizer), "param_groups": groups}, tensors
+
+
+def unreadable(path: str, error: Exception) -> ValueError:
+    """The error for a constrained-state file that cannot be read back: which file, what is wrong, the fix."""
+    reason = f"key {error} missing" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+    return ValueError(
+        f"Cannot read {path} ({reason}): the checkpoint is damaged (a crash or a full disk while it was written, "
+        "or an edit). Resume from an earlier checkpoint, or start a new run without resume_from_checkpoint."
+    )
+
+
+def _write_whole(path: str, write) -> None:
+    # `write(temporary_path)`, flushed to disk, then renamed over `path`: a reader sees the old file or the new one
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _dump_json(data: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)

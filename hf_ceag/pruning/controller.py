@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -23,7 +24,7 @@ class PruningController(TrainerCallback):
     `calibration_batches()` yields prepared training batches (with group ids under `group_key`) for FairGRAPE's
     importance scores, and `reduce(tensor)` sums a tensor over processes (identity with one), so that every
     process prunes the same weights. `schedule` is set by `resolve()` before training; `seconds` is the time
-    spent pruning so far."""
+    spent pruning so far. A `target_sparsity` of 0 prunes nothing, which is allowed but said at construction."""
 
     def __init__(
         self,
@@ -44,6 +45,13 @@ class PruningController(TrainerCallback):
             group_key,
         )
         self.calibration_batches, self.reduce, self.verbose = calibration_batches, reduce, verbose
+        if args.target_sparsity == 0:
+            warnings.warn(
+                "target_sparsity=0: nothing is pruned, so the run fine-tunes the dense model without pruning. Set "
+                "target_sparsity to the fraction of weights to zero (e.g. 0.9 for 90 %) to prune.",
+                UserWarning,
+                stacklevel=3,
+            )
         self.schedule: CubicSchedule | None = None
         self.seconds = 0.0
 
