@@ -100,7 +100,9 @@ class CEAGTrainer(Trainer):
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
         if config.should_save:  # found now, not when the run first saves (after the dense pass, or hours later)
             check_writable_folder(config.output_dir)
-        if params.get("processing_class") is None:  # so that every saved folder is `pipeline`-ready where it can be
+        if (
+            params.get("processing_class") is None
+        ):  # so that every saved folder is `pipeline`-ready where it can be
             params["processing_class"] = known_image_processor(train_dataset)
         self.dataset_name = dataset_display_name(train_dataset)
         self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)

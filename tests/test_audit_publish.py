@@ -421,7 +421,7 @@ def test_card_layer_names_follow_the_renames_of_save_pretrained(tmp_path):
     from safetensors import safe_open
     from transformers import ViTConfig, ViTForImageClassification
 
-    from hf_ceag.audit.model_card import saved_parameter_names
+    from hf_ceag.models.saved_weights import saved_parameter_names
 
     config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=32, num_labels=3)  # fmt: skip
@@ -536,7 +536,9 @@ def test_push_to_hub_refuses_a_collapsed_model_with_the_same_override(trained):
     api = mock.MagicMock()
     try:
         with mock.patch("transformers.trainer.hf_api", return_value=api):
-            with pytest.raises(ValueError, match="push_to_hub refused: .*test data, the overall accuracy fell by 0.500"):
+            with pytest.raises(
+                ValueError, match="push_to_hub refused: .*test data, the overall accuracy fell by 0.500"
+            ):
                 trained.push_to_hub()
             assert not api.upload_folder.called
     finally:
@@ -550,7 +552,9 @@ def test_a_dense_model_at_chance_is_refused_before_any_pruning(tmp_path, digits,
     config = make_config(allow_weak_dense_model=False, save_strategy="no")
     trainer = CEAGTrainer(model, config, train_dataset=digits["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"training accuracy is 0\.\d+, at most 0\.05 above chance .*allow_weak_dense_model=True"):
+    with pytest.raises(
+        ValueError, match=r"training accuracy is 0\.\d+, at most 0\.05 above chance .*allow_weak_dense_model=True"
+    ):
         trainer.train()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing pruned
     assert trainer.state.global_step == 0 and not os.path.exists(os.path.join(config.output_dir, "checkpoint-1"))

@@ -82,4 +82,6 @@ def test_the_trainer_fetches_columns_only_with_the_default_collator(tiny_model, 
 
     mine = CEAGTrainer(tiny_model, make_config(), train_dataset=digits["train"], data_collator=own)
     # a collator of the user's gets rows, as from the Trainer, with the group ids carried around it
-    assert mine.data_collator.collator is own and not isinstance(mine.get_train_dataloader().dataset, ColumnBatches)
+    assert mine.data_collator.collator is own and not isinstance(
+        mine.get_train_dataloader().dataset, ColumnBatches
+    )

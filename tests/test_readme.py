@@ -43,7 +43,9 @@ def test_python_example_runs_and_its_folder_is_pipeline_ready(tmp_path, check_pi
     assert "Trainer(model=model, args=dense" in code  # the example prunes a trained model, not a random one
     assert "processing_class" not in code  # the digits loader's preprocessing is known: nothing to pass
     code = code.replace("copies=2", "copies=1").replace("num_train_epochs=15", "num_train_epochs=3")
-    code = code.replace("num_train_epochs=12", "max_steps=6").replace("pruning_end_epoch=3", "pruning_end_epoch=0.1")
+    code = code.replace("num_train_epochs=12", "max_steps=6").replace(
+        "pruning_end_epoch=3", "pruning_end_epoch=0.1"
+    )
     printed = []
     cwd = os.getcwd()
     os.chdir(tmp_path)

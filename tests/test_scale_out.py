@@ -108,8 +108,15 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher", LAUNCHERS.values(), ids=LAUNCHERS.keys())
 def test_readme_launchers_run_the_script_on_two_cpu_processes(tmp_path, launcher):
-    args = ["scripts/run_ceag.py", "--output_dir", str(tmp_path / "run"), "--dense_epochs", "1",
-            "--allow_weak_dense_model", "true"]
+    args = [
+        "scripts/run_ceag.py",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--dense_epochs",
+        "1",
+        "--allow_weak_dense_model",
+        "true",
+    ]
     args += ["--num_train_epochs", "2", "--pruning_end_epoch", "1", "--methods", "ceag", "--disable_tqdm", "true"]
     args += ["--digits_variant", "imbalanced"]  # the small digits: this checks the launchers, not the recipe
     printed = run([*launcher, *args], ROOT)

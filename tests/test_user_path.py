@@ -53,7 +53,13 @@ def tiny_resnet(num_labels):
 def example_transforms(image_processor):
     """The official example's transforms, from the dense folder's image processor."""
     from torchvision.transforms import (
-        CenterCrop, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor,
+        CenterCrop,
+        Compose,
+        Normalize,
+        RandomHorizontalFlip,
+        RandomResizedCrop,
+        Resize,
+        ToTensor,
     )  # fmt: skip
 
     size = (image_processor.size["height"], image_processor.size["width"])

@@ -18,6 +18,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..models.rgb_input import RGB_INPUT_KEY, input_channels
+from ..models.saved_weights import saved_parameter_names
 from .report import INCONCLUSIVE, plot_excess_gaps, report_markdown
 
 TEMPLATE_NAME = "ceag_model_card.md"
@@ -63,31 +64,6 @@ _TASK_OF_INPUT = {
 def model_task(model: Any) -> str:
     """The pipeline task of a classifier, from its main input (`pixel_values`: image-classification)."""
     return _TASK_OF_INPUT.get(getattr(model, "main_input_name", "pixel_values"), "classification")
-
-
-def saved_parameter_names(weights_file: str, parameters: dict[str, Any]) -> dict[str, str]:
-    """Map each of `parameters` (name: tensor) to the key under which `save_pretrained` wrote it in
-    `weights_file` (transformers 5 renames some architectures' weights on save, e.g. ViT's; hf-ceag drops timm's
-    `timm_model.` prefix): the key of the only stored tensor with the same values. Names without such a key
-    (a fused or sharded save) are kept."""
-    if not os.path.isfile(weights_file):
-        return {}
-    import torch
-    from safetensors import safe_open
-
-    names = {}
-    with safe_open(weights_file, framework="pt") as stored:
-        by_shape: dict[tuple, list[str]] = {}
-        for key in stored.keys():  # noqa: SIM118 (safe_open is not a dict)
-            by_shape.setdefault(tuple(stored.get_slice(key).get_shape()), []).append(key)
-        for name, tensor in parameters.items():
-            value = tensor.detach().cpu()
-            same = [k for k in by_shape.get(tuple(value.shape), []) if torch.equal(stored.get_tensor(k), value)]
-            if len(same) > 1:  # equal tensors (e.g. all zeros): the key that keeps the most of the name
-                same = [k for k in same if k.endswith(name.split(".", 1)[-1])] or same[:0]
-            if len(same) == 1:
-                names[name] = same[0]
-    return names
 
 
 def model_card_details(model: Any, folder: str, pruned: dict[str, Any]) -> dict[str, Any]:

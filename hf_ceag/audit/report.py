@@ -387,8 +387,10 @@ def report_markdown(report: dict[str, Any], split: str) -> str:
     """Markdown table of one split: per group n, accuracies with intervals, Δ_g, ψ_g with interval, status."""
     data = report["splits"][split]
     rows = [
-        "| group | n | dense accuracy [95% CI] | sparse accuracy [95% CI] | accuracy lost Δ_g | excess gap ψ_g "
-        "[95% CI] | status |",
+        (
+            "| group | n | dense accuracy [95% CI] | sparse accuracy [95% CI] | accuracy lost Δ_g | excess gap ψ_g "
+            "[95% CI] | status |"
+        ),
         "|---|---:|---|---|---:|---|---|",
     ]
     for g in data["groups"]:

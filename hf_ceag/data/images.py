@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .groups import check_group_columns
-from .preprocessing import DIGITS_DATASET
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # approximate moments of load_digits pixels scaled to [0, 1]
+DIGITS_DATASET = "scikit-learn digits"  # `DatasetInfo.dataset_name` of `load_digits_dataset`
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

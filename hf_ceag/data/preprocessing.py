@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from .groups import CarryGroupIds
-
-DIGITS_DATASET = "scikit-learn digits"
-STYLED_DIGITS_DATASET = "hf-ceag styled digits"
+from .images import DIGITS_DATASET, image_processor
+from .styled_digits import STYLED_DIGITS_DATASET
 
 
 def dataset_transform(dataset: Any) -> Any:
@@ -27,8 +26,6 @@ def known_image_processor(dataset: Any):
     """The image processor that turns images into this dataset's `pixel_values`, where hf-ceag made them: its
     digits loaders (named in `DatasetInfo.dataset_name`) and `load_image_dataset` (whose transform knows its
     processor). None for any other data: its preprocessing is the user's."""
-    from .images import image_processor
-
     transform = dataset_transform(dataset)
     while transform is not None and not hasattr(transform, "image_processor"):
         transform = getattr(transform, "transform", None)  # a transform wrapped by hf-ceag
@@ -99,7 +96,7 @@ def audit_transform(train: datasets.Dataset, eval_dataset: Any) -> tuple[Any, st
                     f"read through the evaluation transform of the {name!r} split, without the training "
                     "transform's random augmentation"
                 )
-        except Exception:  # noqa: BLE001 (a transform for other columns: try the next split)
+        except Exception:  # noqa: BLE001, S112 (a transform made for other columns: try the next split)
             continue
     return None, (
         "read through the training transform, which is random (the same rows gave other pixel values twice): "

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .images import DIGITS_MEAN, DIGITS_STD
-from .preprocessing import STYLED_DIGITS_DATASET
 
 STYLES = ("plain", "inverted")
+STYLED_DIGITS_DATASET = "hf-ceag styled digits"  # `DatasetInfo.dataset_name` of `load_styled_digits_dataset`
 _WORK_SIZE = 32  # augmentations are drawn at this resolution, then the images are resized to image_size
 
 

@@ -68,7 +68,7 @@ def save_grayscale_as_rgb(folder: str, model: nn.Module) -> bool:
     `pretrained_cfg` too) and in `preprocessor_config.json`. Returns whether it rewrote anything."""
     from safetensors.torch import load_file, save_file
 
-    from ..audit.model_card import saved_parameter_names
+    from .saved_weights import saved_parameter_names
 
     stem = grayscale_stem(model)
     weights, config_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
