@@ -309,3 +309,92 @@ def test_command_mistakes_fail_early_with_a_clear_error(tmp_path, monkeypatch, m
     for word in words:
         assert word in str(error.value), (word, str(error.value))
     assert not out.exists()
+
+
+# ---- nothing broken is trained on in silence, or saved ----
+
+
+def _non_finite_files(folder):
+    # every model.safetensors under `folder` that holds a NaN or an infinity
+    from safetensors.torch import load_file
+
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f == "model.safetensors"]
+    broken = [f for f in files if not all(torch.isfinite(t).all() for t in load_file(f).values())]
+    return files, broken
+
+
+def _nan_image_in_training(trainer, step):
+    # One NaN image in the batch of optimizer step `step` only (1-based), reaching the model in training mode:
+    # an augmentation or a row the dense pass never saw.
+    def hook(module, args, kwargs):
+        if module.training and trainer.state.global_step + 1 == step:
+            kwargs["pixel_values"] = kwargs["pixel_values"].clone()
+            kwargs["pixel_values"][0] = float("nan")
+        return args, kwargs
+
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+CHECKPOINTS_EVERY_4 = {"logging_steps": 500, "save_strategy": "steps", "save_steps": 4}  # default logging
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nan_step", "first_bad"),
+    [({}, 6, "step 6"), ({"learning_rate": 1e6, "max_grad_norm": 0.0}, None, "step ")],
+    ids=["one_nan_training_image", "diverging_learning_rate"],
+)
+def test_a_model_that_went_non_finite_is_never_saved(
+    tiny_model, digits, make_config, overrides, nan_step, first_bad
+):
+    """Without a log before the end, a NaN image or a diverging learning rate used to run to the end: NaN
+    checkpoints, a NaN final folder and a card. Every step is now watched and every save refused."""
+    from hf_ceag import CEAGTrainer
+
+    config = make_config(mitigation="ceag", **CHECKPOINTS_EVERY_4, **overrides)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    if nan_step:
+        _nan_image_in_training(trainer, nan_step)
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    message = str(error.value)
+    for words in ("non-finite training loss from " + first_bad, "was not saved", "learning_rate", "NaN",
+                  "max_grad_norm > 0", "fp32"):  # fmt: skip
+        assert words in message, (words, message)
+    with pytest.raises(FloatingPointError, match="Saving the model to"):
+        trainer.save_model()
+    files, broken = _non_finite_files(config.output_dir)
+    assert not broken, broken
+    if nan_step:
+        assert [os.path.basename(os.path.dirname(f)) for f in files] == ["checkpoint-4"]  # before the NaN
+    assert not os.path.exists(os.path.join(config.output_dir, "README.md"))
+
+
+def test_the_watch_is_read_only_at_logs_saves_and_the_end(tiny_model, digits, make_config, monkeypatch):
+    """The per-step check stays on the device: a step records a non-finite loss without reading anything back
+    (on CUDA, tests/test_cuda.py runs the steps under `set_sync_debug_mode("error")`); the record is read at
+    each log (steps 4, 8, 12 and the end of training) and each save (steps 6 and 12), nowhere else."""
+    from hf_ceag import CEAGTrainer
+    from hf_ceag.callbacks import NonFiniteWatch, floating_state
+
+    reads, observed = [], []
+    read, observe = NonFiniteWatch.read, NonFiniteWatch.observe
+
+    def counting_read(watch, *args, **kwargs):
+        reads.append(trainer.state.global_step)
+        return read(watch, *args, **kwargs)
+
+    def observe_without_reading(watch, loss, step):
+        observed.append(step)
+        with monkeypatch.context() as m:  # no value of a tensor may reach Python during a step
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a step read a tensor"))
+            observe(watch, loss, step)
+
+    monkeypatch.setattr(NonFiniteWatch, "read", counting_read)
+    monkeypatch.setattr(NonFiniteWatch, "observe", observe_without_reading)
+    config = make_config(mitigation="ceag", save_strategy="steps", save_steps=6)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    trainer.train()
+    assert observed == list(range(1, 13))
+    assert reads == [4, 6, 8, 12, 12, 12], reads
+    assert trainer.non_finite.read(floating_state(trainer.model)) == (None, [])  # a finite run
