@@ -79,15 +79,17 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_model, d
     config = make_config(mitigation="ceag", logging_steps=2)
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     steps = []
-    tiny_model.register_forward_hook(lambda module, args, output: steps.append(1) or _poison(output, len(steps)))
+    tiny_model.register_forward_hook(lambda module, args, output: _poison(output, steps, module.training))
     with pytest.raises(FloatingPointError, match="non-finite .*ce_loss=nan"):
         trainer.train()
     assert not os.path.exists(os.path.join(config.output_dir, "model.safetensors"))
 
 
-def _poison(output, calls):
-    # From the fourth forward pass on, the logits are NaN (as an overflowing half-precision run would give).
-    if calls > 4 and getattr(output, "logits", None) is not None:
+def _poison(output, steps, training):
+    # From the fifth training forward pass on, the logits are NaN (as an overflowing half-precision run would
+    # give); the dense pass before training is left alone (it refuses non-finite logits itself).
+    steps.extend([1] if training else [])
+    if training and len(steps) > 4 and getattr(output, "logits", None) is not None:
         output.logits = output.logits * torch.tensor(float("nan"))
     return output
 
@@ -398,3 +400,38 @@ def test_the_watch_is_read_only_at_logs_saves_and_the_end(tiny_model, digits, ma
     assert observed == list(range(1, 13))
     assert reads == [4, 6, 8, 12, 12, 12], reads
     assert trainer.non_finite.read(floating_state(trainer.model)) == (None, [])  # a finite run
+
+
+def _non_finite_pixels(data, values):
+    # a copy of `data` with pixel (0, 0, 0) of row r set to values[r]
+    import datasets
+
+    columns = data.with_format("numpy")[:]
+    columns["pixel_values"] = columns["pixel_values"].copy()
+    for row, value in values.items():
+        columns["pixel_values"][row, 0, 0, 0] = value
+    return datasets.Dataset.from_dict(columns, features=data.features).with_format("torch")
+
+
+NON_FINITE_DATA = [
+    ({"train": {40: float("nan"), 5: float("nan"), 7: float("inf")}},
+     ["train split has NaN or infinite pixel_values in 3 row(s): rows [5, 7, 40]", "dataset.filter"]),
+    ({"test": {3: float("-inf")}}, ["test split has NaN or infinite pixel_values in 1 row(s): rows [3]"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "words"), NON_FINITE_DATA, ids=["nan_train_rows", "infinite_eval_row"])
+def test_non_finite_input_rows_are_refused_before_training(tiny_model, digits, make_config, values, words):
+    """NaN or infinite pixels used to pass the dense pass unnoticed; training then went NaN and the stop
+    blamed the learning rate. The dense pass now names the split and the rows."""
+    from hf_ceag import CEAGTrainer
+
+    train, test = (_non_finite_pixels(digits[s], values.get(s, {})) for s in ("train", "test"))
+    config = make_config(mitigation="ceag")
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=train, eval_dataset={"test": test})
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert trainer.state.global_step == 0
+    assert not os.path.exists(os.path.join(config.output_dir, "dense_reference.json"))  # no reference either
