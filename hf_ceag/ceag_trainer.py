@@ -43,6 +43,7 @@ from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference
 from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
+from .data.batch_sizes import check_batch_norm_batches
 from .data.batches import ColumnBatches, ColumnCollator
 from .data.encoding import (
     LABEL_COLUMNS,
@@ -100,6 +101,7 @@ class CEAGTrainer(Trainer):
         )
         params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
         super().__init__(**params)
+        check_batch_norm_batches(self.model, len(self.train_dataset), self.args)  # no batch of one row
         if self.data_collator is default_data_collator and config.train_sampling_strategy in (
             "random",
             "sequential",

@@ -435,3 +435,26 @@ def test_non_finite_input_rows_are_refused_before_training(tiny_model, digits, m
         assert word in str(error.value), (word, str(error.value))
     assert trainer.state.global_step == 0
     assert not os.path.exists(os.path.join(config.output_dir, "dense_reference.json"))  # no reference either
+
+
+def test_a_last_batch_of_one_row_with_batch_norm_is_refused_when_the_trainer_is_built(
+    tiny_model, digits, make_config
+):
+    """33 rows in batches of 32 leave a batch of one row, on which BatchNorm cannot train: the run used to fail
+    with torch's "Expected more than 1 value per channel" at the end of the first epoch, after the dense pass."""
+    from hf_ceag import CEAGTrainer
+
+    train = digits["train"].select(range(33))
+    config = make_config(max_steps=-1, num_train_epochs=1, mitigation="none")
+    with pytest.raises(ValueError) as error:
+        CEAGTrainer(tiny_model, config, train_dataset=train).train()
+    for word in ("33 rows leave a last batch of 1 row", "per_device_train_batch_size=32", "BatchNorm",
+                 "dataloader_drop_last=True", "another per_device_train_batch_size (e.g. 31 or 33)"):  # fmt: skip
+        assert word in str(error.value), (word, str(error.value))
+    assert not os.path.exists(os.path.join(config.output_dir, "dense_reference.json"))  # before the dense pass
+    nft = {"mitigation": "none"}
+    CEAGTrainer(tiny_model, make_config(max_steps=-1, num_train_epochs=1, dataloader_drop_last=True, **nft),
+                train_dataset=train)  # fmt: skip
+    CEAGTrainer(tiny_model, make_config(max_steps=1, **nft), train_dataset=train)  # ends before the last batch
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1: every training batch holds one row"):
+        CEAGTrainer(tiny_model, make_config(per_device_train_batch_size=1, **nft), train_dataset=train)
