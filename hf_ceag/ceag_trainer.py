@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import replace
 from typing import Any
 
 import datasets
@@ -58,7 +59,7 @@ from .data.images import keep_columns_after_transform
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
-from .pruning.magnitude import MagnitudePruner, prunable_parameters
+from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
 from .pruning.schedule import CubicSchedule
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
@@ -213,11 +214,12 @@ class CEAGTrainer(Trainer):
                     f"this run has constraint_split={self.args.constraint_split}. Use the checkpoint's setting."
                 )
         elif not self.dense_correct:
+            parent_sparsity = dense_parent_sparsity(self.pruner.parameters)  # warns if it is far from dense
             reference = self._compute_dense_statistics()
-            if self.dense_reference is None:
-                self.dense_reference = reference
-                if self.args.should_save:
-                    self.dense_reference.save(self.args.output_dir)
+            computed = self.dense_reference is None
+            self.dense_reference = replace(self.dense_reference or reference, parent_sparsity=parent_sparsity)
+            if computed and self.args.should_save:
+                self.dense_reference.save(self.args.output_dir)
         if self.constrained_step is None or saved is not None:
             self.constrained_step = ConstrainedStep.for_run(
                 self.args, self.dense_reference, self.constraint_reference
@@ -463,8 +465,9 @@ class CEAGTrainer(Trainer):
                 seed=self.args.seed,
             )
         self.report = run_report(
-            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3)
-        )
+            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3),
+            dense_parent_sparsity=self.dense_reference.parent_sparsity,
+        )  # fmt: skip
         return self.report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

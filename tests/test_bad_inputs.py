@@ -458,3 +458,29 @@ def test_a_last_batch_of_one_row_with_batch_norm_is_refused_when_the_trainer_is_
     CEAGTrainer(tiny_model, make_config(max_steps=1, **nft), train_dataset=train)  # ends before the last batch
     with pytest.raises(ValueError, match="per_device_train_batch_size=1: every training batch holds one row"):
         CEAGTrainer(tiny_model, make_config(per_device_train_batch_size=1, **nft), train_dataset=train)
+
+
+def test_an_already_sparse_parent_is_named_in_a_warning_the_report_and_the_card(tiny_model, digits, make_config):
+    """A 90 %-sparse model passed as the dense parent used to be accepted without a word, and its card said
+    "pruned from a dense model"."""
+    import json
+    import warnings
+
+    from hf_ceag import CEAGTrainer
+    from hf_ceag.pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
+
+    parameters = prunable_parameters(tiny_model, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dense_parent_sparsity(parameters) == 0.0  # a dense model: no warning
+    MagnitudePruner(parameters, "layerwise", gradient_hooks=False).prune_to(0.9)
+    config = make_config(mitigation="none")
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    with pytest.warns(UserWarning, match=r"already 90\.0 % sparse .*not a dense model"):
+        trainer.train()
+    trainer.save_model()
+    with open(os.path.join(config.output_dir, "report.json")) as f:
+        assert json.load(f)["dense_parent_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    with open(os.path.join(config.output_dir, "README.md")) as f:
+        card = f.read()
+    assert "pruned from a model that was already 90.0 % sparse" in card and "a dense model" not in card
