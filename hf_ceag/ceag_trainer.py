@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import replace
 from typing import Any
 
 import datasets
@@ -216,9 +215,10 @@ class CEAGTrainer(Trainer):
         elif not self.dense_correct:
             parent_sparsity = dense_parent_sparsity(self.pruner.parameters)  # warns if it is far from dense
             reference = self._compute_dense_statistics()
-            computed = self.dense_reference is None
-            self.dense_reference = replace(self.dense_reference or reference, parent_sparsity=parent_sparsity)
-            if computed and self.args.should_save:
+            if self.dense_reference is None:
+                self.dense_reference = reference
+            self.dense_reference.parent_sparsity = parent_sparsity  # a given reference describes this parent too
+            if self.dense_reference is reference and self.args.should_save:
                 self.dense_reference.save(self.args.output_dir)
         if self.constrained_step is None or saved is not None:
             self.constrained_step = ConstrainedStep.for_run(
