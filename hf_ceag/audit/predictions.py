@@ -57,7 +57,7 @@ def non_finite_rows(inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tenso
     holds a NaN or an infinity, plus `LOGITS_FLAG` if its logits do; 0 for a finite row."""
     flags = (~torch.isfinite(logits).flatten(1).all(1)).long() * LOGITS_FLAG
     for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and len(value) == len(logits):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[:1] == logits.shape[:1]:
             flags |= (~torch.isfinite(value).flatten(1).all(1)).long() * INPUT_FLAG
     return flags
 
