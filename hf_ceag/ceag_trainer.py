@@ -4,7 +4,8 @@ constraints (CEAG), equalized-loss constraints (EL, EL+RB), or none (NFT).
 The Trainer's own loop runs unchanged. This class overrides only:
 * `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
   (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
-* `training_step`: masks the pruned weights' gradients after the backward pass, before clipping;
+* `training_step`: masks the pruned weights' gradients after the backward pass, before clipping, and records
+  a non-finite loss on the device (read at each log and save: nothing broken is saved, `callbacks.NonFiniteWatch`);
 * `create_optimizer`: attaches the pruning masks to the optimizer, so that pruned weights stay exactly zero
   (`MagnitudePruner.attach`: their first moments zeroed under SGD/Adam/AdamW, else a pass after each step);
 * `train`: computes the dense reference and the step schedule before the first step;
@@ -36,7 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .audit.model_card import run_model_card, violation_warning, write_model_folder_extras
 from .audit.predictions import predict_every_row
 from .audit.report import group_metrics, run_report, save_report, split_report
-from .callbacks import NonFiniteGuard
+from .callbacks import NonFiniteGuard, NonFiniteWatch, floating_state
 from .ceag_config import CEAGConfig
 from .checkpoints import check_writable_folder, resume_checkpoint
 from .constraints.held_out import HeldOutRows
@@ -44,6 +45,7 @@ from .constraints.problems import GroupConstrainedProblem
 from .constraints.reference import DenseReference, check_dense_model_is_trained
 from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep
+from .data.batch_sizes import check_batch_norm_batches
 from .data.batches import ColumnBatches, ColumnCollator, GroupIdCollator, check_collated_batch
 from .data.encoding import (
     LABEL_COLUMNS,
@@ -60,7 +62,7 @@ from .data.preprocessing import audit_transform, known_image_processor, with_tra
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
-from .pruning.magnitude import MagnitudePruner, prunable_parameters
+from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
 from .pruning.schedule import CubicSchedule
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
@@ -115,6 +117,7 @@ class CEAGTrainer(Trainer):
         # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
         params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(train, config)
         super().__init__(**params)
+        check_batch_norm_batches(self.model, len(self.train_dataset), self.args)  # no batch of one row
         if self.data_collator is default_data_collator and config.train_sampling_strategy in (
             "random",
             "sequential",
@@ -158,6 +161,7 @@ class CEAGTrainer(Trainer):
         self.add_callback(self.pruning)
         self.add_callback(_DualStepUndo(self))
         self.add_callback(NonFiniteGuard())
+        self.non_finite = NonFiniteWatch()  # every step's loss, read at each log and save and at the end
 
     @property
     def problem(self) -> GroupConstrainedProblem | None:
@@ -230,11 +234,13 @@ class CEAGTrainer(Trainer):
                     f"this run has constraint_split={self.args.constraint_split}. Use the checkpoint's setting."
                 )
         elif not self.dense_correct:
+            parent_sparsity = dense_parent_sparsity(self.pruner.parameters)  # warns if it is far from dense
             reference = self._compute_dense_statistics()
             if self.dense_reference is None:
                 self.dense_reference = reference
-                if self.args.should_save:
-                    self.dense_reference.save(self.args.output_dir)
+            self.dense_reference.parent_sparsity = parent_sparsity  # a given reference describes this parent too
+            if self.dense_reference is reference and self.args.should_save:
+                self.dense_reference.save(self.args.output_dir)
         if self.constrained_step is None or saved is not None:
             self.constrained_step = ConstrainedStep.for_run(
                 self.args, self.dense_reference, self.constraint_reference
@@ -320,6 +326,7 @@ class CEAGTrainer(Trainer):
         Trainer clips them or the optimizer reads them."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.pruner.mask_gradients()
+        self.non_finite.observe(loss, self.state.global_step + 1)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -405,10 +412,15 @@ class CEAGTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the constraint metrics (summed since the last training log, and the dual state as it is now: one
-        read from the device), and the measured sparsity."""
+        read from the device), and the measured sparsity. While training (the end of training included), first
+        stop if a step's loss or the weights went non-finite (`NonFiniteWatch`)."""
         if "loss" in logs and self.constrained_step is not None:
             logs.update(self.constrained_step.metrics.flush(self.accelerator))
             logs["sparsity"] = self.pruner.sparsity()
+        if self.is_in_train:
+            gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
+            step = f"Training stopped at step {self.state.global_step} (epoch {self.state.epoch or 0:.2f})"
+            self.non_finite.check(floating_state(self.model), step, logs, self.args.fp16, gather)
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -480,8 +492,9 @@ class CEAGTrainer(Trainer):
                 seed=self.args.seed,
             )
         self.report = run_report(
-            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3)
-        )
+            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3),
+            dense_parent_sparsity=self.dense_reference.parent_sparsity,
+        )  # fmt: skip
         if self.train_audit_note:
             self.report["train_audit"] = self.train_audit_note
             for name in ("train", "constraint"):
@@ -496,6 +509,9 @@ class CEAGTrainer(Trainer):
             self.create_model_card(output_dir=output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Never write a broken model (a checkpoint or the final folder); this process's weights and steps only.
+        folder = output_dir or self.args.output_dir
+        self.non_finite.check(floating_state(self.model), f"Saving the model to {folder}", fp16=self.args.fp16)
         # The Trainer pickles its arguments into training_args.bin: keep the Hub token out of that file.
         token, self.args.hub_token = self.args.hub_token, None
         try:
@@ -503,7 +519,6 @@ class CEAGTrainer(Trainer):
         finally:
             self.args.hub_token = token
         if self.args.should_save:
-            folder = output_dir or self.args.output_dir
             # a checkpoint keeps the model as trained (a resume loads it as it is); a published folder loads with
             # timm alone, and a grayscale model in it takes RGB images (`pipeline` on image files)
             if self._saving_checkpoint:

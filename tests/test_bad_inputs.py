@@ -79,15 +79,17 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny_model, d
     config = make_config(mitigation="ceag", logging_steps=2)
     trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
     steps = []
-    tiny_model.register_forward_hook(lambda module, args, output: steps.append(1) or _poison(output, len(steps)))
+    tiny_model.register_forward_hook(lambda module, args, output: _poison(output, steps, module.training))
     with pytest.raises(FloatingPointError, match="non-finite .*ce_loss=nan"):
         trainer.train()
     assert not os.path.exists(os.path.join(config.output_dir, "model.safetensors"))
 
 
-def _poison(output, calls):
-    # From the fourth forward pass on, the logits are NaN (as an overflowing half-precision run would give).
-    if calls > 4 and getattr(output, "logits", None) is not None:
+def _poison(output, steps, training):
+    # From the fifth training forward pass on, the logits are NaN (as an overflowing half-precision run would
+    # give); the dense pass before training is left alone (it refuses non-finite logits itself).
+    steps.extend([1] if training else [])
+    if training and len(steps) > 4 and getattr(output, "logits", None) is not None:
         output.logits = output.logits * torch.tensor(float("nan"))
     return output
 
@@ -359,3 +361,172 @@ def test_a_run_that_prunes_nothing_says_so(tiny_model, digits, make_config):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="target_sparsity")
         CEAGTrainer(tiny_model, make_config(), train_dataset=digits["train"])  # the default prunes: no warning
+
+
+# ---- nothing broken is trained on in silence, or saved ----
+
+
+def _non_finite_files(folder):
+    # every model.safetensors under `folder` that holds a NaN or an infinity
+    from safetensors.torch import load_file
+
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if f == "model.safetensors"]
+    broken = [f for f in files if not all(torch.isfinite(t).all() for t in load_file(f).values())]
+    return files, broken
+
+
+def _nan_image_in_training(trainer, step):
+    # One NaN image in the batch of optimizer step `step` only (1-based), reaching the model in training mode:
+    # an augmentation or a row the dense pass never saw.
+    def hook(module, args, kwargs):
+        if module.training and trainer.state.global_step + 1 == step:
+            kwargs["pixel_values"] = kwargs["pixel_values"].clone()
+            kwargs["pixel_values"][0] = float("nan")
+        return args, kwargs
+
+    trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+CHECKPOINTS_EVERY_4 = {"logging_steps": 500, "save_strategy": "steps", "save_steps": 4}  # default logging
+
+
+@pytest.mark.parametrize(
+    ("overrides", "nan_step", "first_bad"),
+    [({}, 6, "step 6"), ({"learning_rate": 1e6, "max_grad_norm": 0.0}, None, "step ")],
+    ids=["one_nan_training_image", "diverging_learning_rate"],
+)
+def test_a_model_that_went_non_finite_is_never_saved(
+    tiny_model, digits, make_config, overrides, nan_step, first_bad
+):
+    """Without a log before the end, a NaN image or a diverging learning rate used to run to the end: NaN
+    checkpoints, a NaN final folder and a card. Every step is now watched and every save refused."""
+    from hf_ceag import CEAGTrainer
+
+    config = make_config(mitigation="ceag", **CHECKPOINTS_EVERY_4, **overrides)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    if nan_step:
+        _nan_image_in_training(trainer, nan_step)
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    message = str(error.value)
+    for words in ("non-finite training loss from " + first_bad, "was not saved", "learning_rate", "NaN",
+                  "max_grad_norm > 0", "fp32"):  # fmt: skip
+        assert words in message, (words, message)
+    with pytest.raises(FloatingPointError, match="Saving the model to"):
+        trainer.save_model()
+    files, broken = _non_finite_files(config.output_dir)
+    assert not broken, broken
+    if nan_step:
+        assert [os.path.basename(os.path.dirname(f)) for f in files] == ["checkpoint-4"]  # before the NaN
+    assert not os.path.exists(os.path.join(config.output_dir, "README.md"))
+
+
+def test_the_watch_is_read_only_at_logs_saves_and_the_end(tiny_model, digits, make_config, monkeypatch):
+    """The per-step check stays on the device: a step records a non-finite loss without reading anything back
+    (on CUDA, tests/test_cuda.py runs the steps under `set_sync_debug_mode("error")`); the record is read at
+    each log (steps 4, 8, 12 and the end of training) and each save (steps 6 and 12), nowhere else."""
+    from hf_ceag import CEAGTrainer
+    from hf_ceag.callbacks import NonFiniteWatch, floating_state
+
+    reads, observed = [], []
+    read, observe = NonFiniteWatch.read, NonFiniteWatch.observe
+
+    def counting_read(watch, *args, **kwargs):
+        reads.append(trainer.state.global_step)
+        return read(watch, *args, **kwargs)
+
+    def observe_without_reading(watch, loss, step):
+        observed.append(step)
+        with monkeypatch.context() as m:  # no value of a tensor may reach Python during a step
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a step read a tensor"))
+            observe(watch, loss, step)
+
+    monkeypatch.setattr(NonFiniteWatch, "read", counting_read)
+    monkeypatch.setattr(NonFiniteWatch, "observe", observe_without_reading)
+    config = make_config(mitigation="ceag", save_strategy="steps", save_steps=6)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    trainer.train()
+    assert observed == list(range(1, 13))
+    assert reads == [4, 6, 8, 12, 12, 12], reads
+    assert trainer.non_finite.read(floating_state(trainer.model)) == (None, [])  # a finite run
+
+
+def _non_finite_pixels(data, values):
+    # a copy of `data` with pixel (0, 0, 0) of row r set to values[r]
+    import datasets
+
+    columns = data.with_format("numpy")[:]
+    columns["pixel_values"] = columns["pixel_values"].copy()
+    for row, value in values.items():
+        columns["pixel_values"][row, 0, 0, 0] = value
+    return datasets.Dataset.from_dict(columns, features=data.features).with_format("torch")
+
+
+NON_FINITE_DATA = [
+    ({"train": {40: float("nan"), 5: float("nan"), 7: float("inf")}},
+     ["train split has NaN or infinite pixel_values in 3 row(s): rows [5, 7, 40]", "dataset.filter"]),
+    ({"test": {3: float("-inf")}}, ["test split has NaN or infinite pixel_values in 1 row(s): rows [3]"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "words"), NON_FINITE_DATA, ids=["nan_train_rows", "infinite_eval_row"])
+def test_non_finite_input_rows_are_refused_before_training(tiny_model, digits, make_config, values, words):
+    """NaN or infinite pixels used to pass the dense pass unnoticed; training then went NaN and the stop
+    blamed the learning rate. The dense pass now names the split and the rows."""
+    from hf_ceag import CEAGTrainer
+
+    train, test = (_non_finite_pixels(digits[s], values.get(s, {})) for s in ("train", "test"))
+    config = make_config(mitigation="ceag")
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=train, eval_dataset={"test": test})
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert trainer.state.global_step == 0
+    assert not os.path.exists(os.path.join(config.output_dir, "dense_reference.json"))  # no reference either
+
+
+def test_a_last_batch_of_one_row_with_batch_norm_is_refused_when_the_trainer_is_built(
+    tiny_model, digits, make_config
+):
+    """33 rows in batches of 32 leave a batch of one row, on which BatchNorm cannot train: the run used to fail
+    with torch's "Expected more than 1 value per channel" at the end of the first epoch, after the dense pass."""
+    from hf_ceag import CEAGTrainer
+
+    train = digits["train"].select(range(33))
+    config = make_config(max_steps=-1, num_train_epochs=1, mitigation="none")
+    with pytest.raises(ValueError) as error:
+        CEAGTrainer(tiny_model, config, train_dataset=train).train()
+    for word in ("33 rows leave a last batch of 1 row", "per_device_train_batch_size=32", "BatchNorm",
+                 "dataloader_drop_last=True", "another per_device_train_batch_size (e.g. 31 or 33)"):  # fmt: skip
+        assert word in str(error.value), (word, str(error.value))
+    assert not os.path.exists(os.path.join(config.output_dir, "dense_reference.json"))  # before the dense pass
+    nft = {"mitigation": "none"}
+    CEAGTrainer(tiny_model, make_config(max_steps=-1, num_train_epochs=1, dataloader_drop_last=True, **nft),
+                train_dataset=train)  # fmt: skip
+    CEAGTrainer(tiny_model, make_config(max_steps=1, **nft), train_dataset=train)  # ends before the last batch
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1: every training batch holds one row"):
+        CEAGTrainer(tiny_model, make_config(per_device_train_batch_size=1, **nft), train_dataset=train)
+
+
+def test_an_already_sparse_parent_is_named_in_a_warning_the_report_and_the_card(tiny_model, digits, make_config):
+    """A 90 %-sparse model passed as the dense parent used to be accepted without a word, and its card said
+    "pruned from a dense model"."""
+    import json
+
+    from hf_ceag import CEAGTrainer
+    from hf_ceag.pruning.magnitude import MagnitudePruner, prunable_parameters
+
+    parameters = prunable_parameters(tiny_model, True)
+    MagnitudePruner(parameters, "layerwise", gradient_hooks=False).prune_to(0.9)
+    config = make_config(mitigation="none")
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"])
+    with pytest.warns(UserWarning, match=r"already 90\.0 % sparse .*not a dense model"):
+        trainer.train()
+    trainer.save_model()
+    with open(os.path.join(config.output_dir, "report.json")) as f:
+        assert json.load(f)["dense_parent_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    with open(os.path.join(config.output_dir, "README.md")) as f:
+        card = f.read()
+    assert "pruned from a model that was already 90.0 % sparse" in card and "a dense model" not in card

@@ -1,6 +1,6 @@
 """Checks that need a CUDA device (skipped without one): a training step, and the fetch of its batch, that never
-synchronise with the host, and a real fp16 run whose loss scaler skips a step, with that step's dual update
-undone."""
+synchronise with the host (the per-step non-finite watch included), and a real fp16 run whose loss scaler skips
+a step, with that step's dual update undone."""
 
 import pytest
 import torch
@@ -121,3 +121,21 @@ def test_fp16_step_skipped_by_the_loss_scaler_undoes_its_dual_step(tiny_model, d
     assert len(watcher.before[2]) == (1 if dual else 0)
     assert trainer.problem.multipliers_tensor().sum() > 0  # the other steps did move λ
     print(f"skipped steps {watcher.skipped_steps}, dual steps {trainer.problem.dual_steps}")
+
+
+def test_the_non_finite_watch_records_a_step_without_synchronising():
+    """`NonFiniteWatch.observe`, which `CEAGTrainer.training_step` calls every micro-batch, stays on the device
+    for a finite and a non-finite loss alike; only `read` (at logs and saves) waits for it."""
+    from hf_ceag.callbacks import NonFiniteWatch
+
+    watch, weights = NonFiniteWatch(), {"w": torch.ones(3, device="cuda")}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, value in [(1, 0.5), (2, float("nan")), (3, float("inf")), (4, 0.25)]:
+            watch.observe(torch.full((), value, device="cuda"), step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watch.read(weights) == (2, [])
+    weights["w"][1] = float("inf")
+    assert watch.read(weights) == (2, ["w"])

@@ -220,3 +220,19 @@ def test_measured_sparsity_counts_zeros_by_hand_and_reads_the_device_once():
     assert per_weight == {"a": 3 / 4, "b": 1 / 3, "c": 1.0}
     with pytest.raises(ValueError, match="no weights given"):
         measured_sparsity({})
+
+
+def test_dense_parent_sparsity_warns_only_about_a_parent_far_from_dense():
+    import warnings
+
+    from hf_ceag.pruning.magnitude import dense_parent_sparsity
+
+    weights = {"a.weight": torch.ones(10, 10), "b.weight": torch.ones(100)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dense_parent_sparsity(weights) == 0.0
+        weights["a.weight"][:5] = 0  # 50 of 200 zero
+        assert dense_parent_sparsity(weights) == 0.25
+    weights["b.weight"][:70] = 0  # 120 of 200
+    with pytest.warns(UserWarning, match=r"already 60\.0 % sparse"):
+        assert dense_parent_sparsity(weights) == 0.6

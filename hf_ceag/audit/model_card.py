@@ -115,6 +115,15 @@ def dense_folder_license(path: str | None) -> str | None:
         return None
 
 
+def _parent_text(base_model: str | None, hub_base: str | None, parent_sparsity: float | None) -> str:
+    # What the card says the model was pruned from: a parent with 1 % or more exact zeros is not called dense.
+    sparse = parent_sparsity is not None and parent_sparsity >= 0.01
+    kind = f"a model that was already {100 * parent_sparsity:.1f} % sparse" if sparse else "a dense model"
+    if hub_base:
+        return f"`{base_model}`" + (f" ({kind})" if sparse else "")
+    return f"{kind} (local folder `{_local_name(base_model)}`)" if base_model else kind
+
+
 def template_path() -> Path:
     """The card template: shipped as `hf_ceag.model_cards`, or the repository's `model_cards/` folder."""
     try:
@@ -279,13 +288,7 @@ def build_model_card(
         warning=warning,
         method_text=METHOD_TEXT.get(report["method"], report["method"]),
         model_kind=TASK_KINDS.get(task, "classifier"),
-        base_model_text=(
-            f"`{base_model}`"
-            if hub_base
-            else f"a dense model (local folder `{_local_name(base_model)}`)"
-            if base_model
-            else "a dense model"
-        ),
+        base_model_text=_parent_text(base_model, hub_base, report.get("dense_parent_sparsity")),
         tolerance=report["tolerance"],
         sparsity=report["sparsity"],
         sparsity_definition=report.get("sparsity_definition", "fraction of zero weights in the pruned layers"),

@@ -325,10 +325,19 @@ def build_report(
     }
 
 
-def run_report(args, splits: dict[str, dict[str, Any]], pruner, group_index, problem, pruning_seconds: float):
+def run_report(
+    args,
+    splits: dict[str, dict[str, Any]],
+    pruner,
+    group_index,
+    problem,
+    pruning_seconds: float,
+    dense_parent_sparsity: float | None = None,
+):
     """The `report.json` document of a `CEAGTrainer` run: `build_report` of its per-split reports with the run's
     settings (`args`, a `CEAGConfig`), the pruner's measured sparsity (overall and per layer, and its
-    definition), the dual steps taken and the final multiplier of every training group."""
+    definition), the dense parent's sparsity before pruning (`dense_parent_sparsity`, same definition; None if
+    not measured), the dual steps taken and the final multiplier of every training group."""
     names = group_index.names[: group_index.num_groups]
     multipliers = dict(zip(names, problem.multipliers_tensor().tolist())) if problem is not None else {}
     return build_report(
@@ -337,6 +346,7 @@ def run_report(args, splits: dict[str, dict[str, Any]], pruner, group_index, pro
         target_sparsity=args.target_sparsity,
         sparsity=pruner.sparsity(),
         splits=splits,
+        dense_parent_sparsity=dense_parent_sparsity,
         buffer_size=args.buffer_size,
         dual_lr=args.dual_lr,
         pruning_scope=args.pruning_scope,

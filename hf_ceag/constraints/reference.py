@@ -19,7 +19,8 @@ REFERENCE_FILE = "dense_reference.json"
 
 @dataclass
 class DenseReference:
-    """Dense-model statistics per group (lists indexed by group id) and overall."""
+    """Dense-model statistics per group (lists indexed by group id) and overall; `parent_sparsity`, the fraction
+    of exact zeros in the dense model's prunable layers before pruning (None where it was not measured)."""
 
     group_names: list[str]
     group_counts: list[int]
@@ -27,6 +28,7 @@ class DenseReference:
     group_loss: list[float]
     accuracy: float = field(init=False)
     loss: float = field(init=False)
+    parent_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.group_names)

@@ -18,12 +18,14 @@ Masks are enforced twice:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 PRUNABLE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+SPARSE_PARENT_WARNING = 0.5  # a parent with more exact zeros than this in its prunable layers is warned about
 # Optimizers (exact types: a subclass may change the update) under which a weight whose gradient and first
 # moment are zero stays exactly zero, and the state tensors that hold that moment.
 ZERO_PRESERVING_STATE = {
@@ -66,6 +68,23 @@ def measured_sparsity(parameters: dict[str, torch.Tensor]) -> tuple[float, dict[
     sizes = [p.numel() for p in parameters.values()]
     per_weight = {name: zeros / size for name, zeros, size in zip(parameters, counts, sizes)}
     return sum(counts) / sum(sizes), per_weight
+
+
+def dense_parent_sparsity(parameters: dict[str, torch.Tensor], warn_above: float = SPARSE_PARENT_WARNING) -> float:
+    """`measured_sparsity` of the model handed over as the dense parent, before anything prunes it, with a
+    `UserWarning` above `warn_above`: ψ_g compares the pruned model with its parent as "dense", so from an
+    already-sparse parent it measures only what the further pruning cost."""
+    sparsity = measured_sparsity(parameters)[0]
+    if sparsity > warn_above:
+        warnings.warn(
+            f"The model to prune is already {100 * sparsity:.1f} % sparse (exact zeros in its prunable layers), "
+            "not a dense model: the report and the model card compare the pruned model with it as the dense "
+            "parent, so they show only what the further pruning cost. Pass the dense model (before any pruning) "
+            "to measure the disparate impact of pruning.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return sparsity
 
 
 def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
