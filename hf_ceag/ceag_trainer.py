@@ -2,63 +2,54 @@
 constraints (CEAG), equalized-loss constraints (EL, EL+RB), or none (NFT).
 
 The Trainer's own loop runs unchanged. This class overrides only:
-* `compute_loss`: per-sample cross-entropy, the gathered batch into the per-group estimates, the dual step
-  (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are ready), then the primal Lagrangian with the new λ;
-* `training_step`: masks the pruned weights' gradients after the backward pass, before clipping, and records
-  a non-finite loss on the device (read at each log and save: nothing broken is saved, `callbacks.NonFiniteWatch`);
-* `create_optimizer`: attaches the pruning masks to the optimizer, so that pruned weights stay exactly zero
-  (`MagnitudePruner.attach`: their first moments zeroed under SGD/Adam/AdamW, else a pass after each step);
-* `train`: computes the dense reference and the step schedule before the first step;
-* `log`: adds the constraint metrics (summed since the last log, and the dual state as the log finds it);
-* `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: per-group metrics, reports and cards.
+* `compute_loss`: per-sample cross-entropy, the dual step (λ ← [λ + η_λ (ψ̂ − ε)]₊ for groups whose estimates are
+  ready), then the primal Lagrangian with the new λ (`constraints.step`);
+* `training_step`: masks the pruned weights' gradients before clipping; records a non-finite loss on the device;
+* `create_optimizer`: attaches the pruning masks, so that pruned weights stay exactly zero;
+* `train`: the dense reference and the step schedule before the first step (or the checkpoint's state);
+* `log`, `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: group metrics, reports, cards (`audit`).
 
-Each concern lives with its owner: the constrained step in `constraints.step`, the pruning schedule and FairGRAPE
-rounds in `pruning.controller` (a callback), datasets in `data.encoding`, reports and cards in `audit`.
-
-A training step never reads a value back to the host (no `.item()`, no data-dependent shape): group counts,
-buffers, readiness and multipliers are fixed-shape tensors, and the metrics accumulate on the device and are
-read once per `logging_steps` (with one process; several processes gather each batch's estimates, which
-pads uneven batches). NFT keeps no estimates at all beyond its logs.
+The datasets are prepared once (`data.prepared`). A training step never reads a value back to the host: group
+counts, buffers, readiness and multipliers are fixed-shape tensors, and the metrics accumulate on the device and
+are read once per `logging_steps`.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
-from transformers import EvalPrediction, Trainer, TrainerCallback, default_data_collator
+from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .audit.model_card import run_model_card, violation_warning, write_model_folder_extras
 from .audit.predictions import predict_every_row
-from .audit.report import group_metrics, run_report, save_report, split_report
+from .audit.trainer_audit import (
+    audit_run,
+    eval_group_metrics,
+    record_dense_model,
+    refuse_to_publish,
+    warn_without_processor,
+    write_run_card,
+)  # fmt: skip
 from .callbacks import NonFiniteGuard, NonFiniteWatch, floating_state
 from .ceag_config import CEAGConfig
 from .checkpoints import check_writable_folder, resume_checkpoint
+from .constraints.gather import gather_estimates
 from .constraints.held_out import HeldOutRows
 from .constraints.problems import GroupConstrainedProblem
-from .constraints.reference import DenseReference, check_dense_model_is_trained
+from .constraints.reference import DenseReference
 from .constraints.state import ConstrainedState
-from .constraints.step import ConstrainedStep
+from .constraints.step import ConstrainedStep, DualStepUndo
 from .data.batch_sizes import check_batch_norm_batches
 from .data.batches import ColumnBatches, ColumnCollator, GroupIdCollator, check_collated_batch
-from .data.encoding import (
-    LABEL_COLUMNS,
-    check_trainer_inputs,
-    dataset_display_name,
-    encode_eval,
-    encode_split,
-    split_for_held_out_duals,
-    warn_small_groups,
-)
-from .data.groups import GROUP_ID_COLUMN, GroupIndex, group_counts
+from .data.encoding import LABEL_COLUMNS, check_trainer_inputs, encode_split
+from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
-from .data.preprocessing import audit_transform, known_image_processor, with_transform_of
+from .data.prepared import PreparedData
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
@@ -66,20 +57,6 @@ from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_
 from .pruning.schedule import CubicSchedule
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
-
-
-class _DualStepUndo(TrainerCallback):
-    # After each optimizer step: undo its dual step if the fp16 loss scaler skipped it.
-    def __init__(self, trainer: CEAGTrainer) -> None:
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.constrained_step is not None:
-            self.trainer.constrained_step.undo_if_skipped(self.trainer.accelerator.optimizer_step_was_skipped)
-
-
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
 
 
 class CEAGTrainer(Trainer):
@@ -102,36 +79,25 @@ class CEAGTrainer(Trainer):
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
         if config.should_save:  # found now, not when the run first saves (after the dense pass, or hours later)
             check_writable_folder(config.output_dir)
-        if (
-            params.get("processing_class") is None
-        ):  # so that every saved folder is `pipeline`-ready where it can be
-            params["processing_class"] = known_image_processor(train_dataset)
-        self.dataset_name = dataset_display_name(train_dataset)
-        self.group_index = GroupIndex.from_dataset(train_dataset, config.group_columns)
-        if config.mitigation != "none":  # NFT has no replay buffers
-            warn_small_groups(self.group_index, config.buffer_size)
-        train = encode_split(self.group_index, train_dataset, "train")
-        params["eval_dataset"] = encode_eval(self.group_index, params.get("eval_dataset"), model)
-        # the audit reads the training rows without the training augmentation where an eval transform allows
-        self._audit_transform, self.train_audit_note = audit_transform(train, params["eval_dataset"])
-        # held-out duals: `constraint_dataset` holds the rows kept out of the primal step (None without them)
-        params["train_dataset"], self.constraint_dataset = split_for_held_out_duals(train, config)
+        self.data = PreparedData.prepare(
+            config, model, train_dataset, params.get("eval_dataset"), params.get("processing_class")
+        )
+        self.group_index = self.data.group_index
+        self.constraint_dataset = self.data.constraint  # the rows held out for the dual step (or None)
+        params.update(
+            train_dataset=self.data.train, eval_dataset=self.data.eval, processing_class=self.data.processing_class
+        )
         super().__init__(**params)
         check_batch_norm_batches(self.model, len(self.train_dataset), self.args)  # no batch of one row
-        if self.data_collator is default_data_collator and config.train_sampling_strategy in (
-            "random",
-            "sequential",
-        ):
-            self.data_collator = ColumnCollator(default_data_collator)
-        else:  # a collator of the user's: the group ids are carried around it
-            self.data_collator = GroupIdCollator(self.data_collator)
-        # Built after the Trainer placed the model on its device, so the masks live beside the weights; it
-        # refuses a model without prunable layers, still before any training.
-        self.pruner = MagnitudePruner(
-            prunable_parameters(self.model, config.keep_first_last_dense),
-            config.pruning_scope,
-            gradient_hooks=False,
-        )  # `training_step` masks the gradients, in one fused call
+        sampled = config.train_sampling_strategy in ("random", "sequential")
+        # the default collator fetches batches as columns; a user's gets the group ids carried around it
+        columns = self.data_collator is default_data_collator and sampled
+        self.data_collator = (
+            ColumnCollator(default_data_collator) if columns else GroupIdCollator(self.data_collator)
+        )
+        # on the model's device (the Trainer placed it); a model without prunable layers is refused here
+        prunable = prunable_parameters(self.model, config.keep_first_last_dense)
+        self.pruner = MagnitudePruner(prunable, config.pruning_scope, gradient_hooks=False)  # see training_step
         self.dense_reference = dense_reference
         train_groups = self.group_index.names[: self.group_index.num_groups]
         if dense_reference is not None and dense_reference.group_names != train_groups:
@@ -159,7 +125,9 @@ class CEAGTrainer(Trainer):
             verbose=self.is_local_process_zero() and not config.disable_tqdm,
         )  # fmt: skip
         self.add_callback(self.pruning)
-        self.add_callback(_DualStepUndo(self))
+        self.add_callback(
+            DualStepUndo(lambda: self.constrained_step, lambda: self.accelerator.optimizer_step_was_skipped)
+        )
         self.add_callback(NonFiniteGuard())
         self.non_finite = NonFiniteWatch()  # every step's loss, read at each log and save and at the end
 
@@ -225,14 +193,9 @@ class CEAGTrainer(Trainer):
         saved = ConstrainedState.load(checkpoint) if checkpoint else None
         if saved is not None:
             train_groups = self.group_index.names[: self.group_index.num_groups]
-            saved.check_compatible(self.args.mitigation, self.args.buffer_size, train_groups)
+            saved.check_compatible(self.args, train_groups, held_out=self.constraint_dataset is not None)
             self.dense_reference, self.dense_correct = saved.reference, saved.dense_correct()
             self.constraint_reference = saved.estimate_reference
-            if (saved.estimate_reference is None) != (self.constraint_dataset is None):
-                raise ValueError(
-                    f"Checkpoint was written with{'out' if saved.estimate_reference is None else ''} held-out duals; "
-                    f"this run has constraint_split={self.args.constraint_split}. Use the checkpoint's setting."
-                )
         elif not self.dense_correct:
             parent_sparsity = dense_parent_sparsity(self.pruner.parameters)  # warns if it is far from dense
             reference = self._compute_dense_statistics()
@@ -270,11 +233,7 @@ class CEAGTrainer(Trainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            ConstrainedState.capture(
-                self.problem, self.dual_optimizer, self.pruner, self.dense_reference, self.dense_correct,
-                self.group_index, self.args.mitigation, self.args.buffer_size, self.constraint_reference,
-                self.pruning_seconds,
-            ).save(folder)  # fmt: skip
+            ConstrainedState.of_trainer(self).save(folder)
         self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
@@ -282,29 +241,15 @@ class CEAGTrainer(Trainer):
             self._saving_checkpoint = False
 
     def _compute_dense_statistics(self) -> DenseReference:
-        """One eval-mode pass of the (still dense) model over every audited split: the reference (on the rows the
-        primal step trains on; with held-out duals also `constraint_reference`, on the held-out rows) and the
-        per-sample dense correctness that reports compare against."""
-        names = self.group_index.names[: self.group_index.num_groups]
-        references = {}
-        for name, dataset in self._audited_splits().items():
-            logits, labels, groups = self._predict(dataset, f"dense_{name}")
-            self.dense_correct[name] = logits.argmax(-1) == labels
-            if name in ("train", "constraint"):
-                references[name] = DenseReference.from_predictions(logits, labels, groups, names)
-            if name == "train":
-                check_dense_model_is_trained(references[name].accuracy, labels, self.args.allow_weak_dense_model)
+        # the dense model's pass over every audited split (`audit.trainer_audit.record_dense_model`)
+        self.dense_correct, references = record_dense_model(self)
         self.constraint_reference = references.get("constraint")
         return references["train"]
 
     def _audited_splits(self) -> dict[str, datasets.Dataset]:
-        # train = the rows the primal step trains on; constraint = the held-out rows of the dual step, if any;
-        # both read without the training augmentation where an evaluation transform allows (`audit_transform`)
-        held_out = {"constraint": self.constraint_dataset} if self.constraint_dataset is not None else {}
-        training = {"train": self.train_dataset, **held_out}
-        if self._audit_transform is not None:
-            training = {name: with_transform_of(rows, self._audit_transform) for name, rows in training.items()}
-        return {**training, **self._eval_splits()}
+        # train (the rows the primal step trains on) and constraint (held out for the dual step, if any), without
+        # the training augmentation where an evaluation transform allows; then every eval split
+        return {**self.data.audited_training_rows(), **self._eval_splits()}
 
     def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode)."""
@@ -387,26 +332,9 @@ class CEAGTrainer(Trainer):
         return self._held_out.predict(bare, draw, self.args.process_index)
 
     def _gather(self, group_ids, correct, losses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This batch from every process, in rank order, so all processes hold identical estimates.
-
-        Every process pads its rows to `per_device_train_batch_size` (the most a training batch or a held-out
-        draw holds, known without asking the others) with rows of group id `num_groups`, which the estimates
-        leave out: one all-gather of fixed shape, and nothing read back to the host (accelerate's
-        `pad_across_processes` would read every process's size, a synchronisation each step). A batch with more
-        rows (a collator that adds rows) is refused; the process that raises ends the launcher's run."""
-        if self.accelerator.num_processes == 1:
-            return group_ids, correct, losses
-        size, rows = self.args.per_device_train_batch_size, group_ids.numel()
-        if rows > size:
-            raise ValueError(
-                f"CEAGTrainer: a process holds {rows} rows for the estimates, more than "
-                f"per_device_train_batch_size={size}: batches must come from the Trainer's own dataloader."
-            )
-        padded = torch.zeros(size, 3, dtype=torch.float32, device=losses.device)
-        padded[:, 0] = self.problem.num_groups
-        padded[:rows] = torch.stack([group_ids.float(), correct.float(), losses.float()], dim=1)
-        padded = self.accelerator.gather(padded)
-        return padded[:, 0].long(), padded[:, 1], padded[:, 2]
+        # this batch's estimates from every process, in rank order (`constraints.gather`)
+        size, num_groups = self.args.per_device_train_batch_size, self.problem.num_groups
+        return gather_estimates(self.accelerator, size, num_groups, group_ids, correct, losses)
 
     # ---- logging ----
 
@@ -455,20 +383,11 @@ class CEAGTrainer(Trainer):
             self._evaluating_split = None
 
     def _metrics_with_groups(self, prediction: EvalPrediction) -> dict[str, float]:
-        labels, groups = prediction.label_ids, None
-        if isinstance(labels, tuple) and len(labels) == 2:
-            labels, groups = labels
-        metrics = {}
-        if self._user_compute_metrics is not None:
-            metrics.update(self._user_compute_metrics(EvalPrediction(prediction.predictions, labels)))
-        if groups is None:
-            return metrics
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        correct = torch.as_tensor(logits).argmax(-1) == torch.as_tensor(labels)
-        groups = torch.as_tensor(groups).long()
+        # the user's compute_metrics, then per-group accuracy (and ψ_g against the dense model) from the same pass
         dense = self.dense_correct.get(self._evaluating_split)
-        metrics.update(group_metrics(groups, dense, correct, self.group_index, self.args.tolerance))
-        return metrics
+        return eval_group_metrics(
+            prediction, self._user_compute_metrics, dense, self.group_index, self.args.tolerance
+        )
 
     # ---- reports, model card, publishing ----
 
@@ -478,28 +397,7 @@ class CEAGTrainer(Trainer):
         `self.report`)."""
         if not self.dense_correct:
             raise ValueError("group_report: call train() first (it records the dense model's predictions).")
-        splits = self._audited_splits()
-        reports = {}
-        for name, dataset in splits.items():
-            logits, labels, groups = self._predict(dataset, f"sparse_{name}")
-            reports[name] = split_report(
-                groups,
-                self.dense_correct[name],
-                logits.argmax(-1) == labels,
-                self.group_index.names,
-                self.args.tolerance,
-                num_constrained_groups=self.group_index.num_groups,
-                seed=self.args.seed,
-            )
-        self.report = run_report(
-            self.args, reports, self.pruner, self.group_index, self.problem, round(self.pruning_seconds, 3),
-            dense_parent_sparsity=self.dense_reference.parent_sparsity,
-        )  # fmt: skip
-        if self.train_audit_note:
-            self.report["train_audit"] = self.train_audit_note
-            for name in ("train", "constraint"):
-                if name in self.report["split_rows"]:
-                    self.report["split_rows"][name] += f"; its images were {self.train_audit_note}"
+        self.report = audit_run(self)
         return self.report
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -526,13 +424,7 @@ class CEAGTrainer(Trainer):
             else:
                 save_loadable(folder, self.model)
                 if self.processing_class is None:
-                    warnings.warn(
-                        f"{folder} holds no image processor: CEAGTrainer was given no processing_class, and the "
-                        "data's preprocessing is not one hf-ceag knows, so pipeline() and AutoImageProcessor would "
-                        "preprocess images otherwise than training did. Pass processing_class=<the image processor "
-                        "that makes your pixel_values> to CEAGTrainer; the model card says so too.",
-                        stacklevel=2,
-                    )
+                    warn_without_processor(folder)
 
     def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
         """Write the model card (`README.md`), `report.json` and `excess_gaps.png` into the output folder.
@@ -543,27 +435,14 @@ class CEAGTrainer(Trainer):
         report = self.report if self.report is not None else self.group_report()
         if not self.is_world_process_zero():
             return
-        folder = output_dir or self.args.output_dir
-        details = {"dataset": self.dataset_name, **_given(self.card_metadata), **_given(kwargs)}
-        card = run_model_card(
-            report, self.model, folder, self.args, self.schedule, list(self.group_index.columns), self.pruner,
-            repo=self.hub_model_id or self.args.hub_model_id, command=self.reproduce_command,
-            allow_violated_constraints=self._allow_violated_constraints, details=details,
-        )  # fmt: skip
-        save_report(report, folder)
-        write_model_folder_extras(report, card, folder)
+        write_run_card(self, report, output_dir or self.args.output_dir, kwargs)
 
     def push_to_hub(self, *args: Any, allow_violated_constraints: bool = False, **kwargs: Any):
         """`Trainer.push_to_hub`, refused (before anything is uploaded) when the model violates its training
         constraints, unless `allow_violated_constraints=True` — the card then opens with a warning."""
-        report = self.report if self.report is not None else self.group_report()
-        warning = violation_warning(report)
-        if warning and not allow_violated_constraints:
-            raise ValueError(
-                f"push_to_hub refused: {warning} Fix the model (e.g. train longer, lower target_sparsity, raise "
-                "dual_lr or max_accuracy_drop), or publish it anyway with "
-                "push_to_hub(allow_violated_constraints=True), which puts a warning at the top of its card."
-            )
+        refuse_to_publish(
+            self.report if self.report is not None else self.group_report(), allow_violated_constraints
+        )
         self._allow_violated_constraints = allow_violated_constraints
         try:
             return super().push_to_hub(*args, **kwargs)

@@ -45,6 +45,15 @@ class ConstrainedState:
     source: str | None = None  # the folder it was loaded from, named by errors
 
     @classmethod
+    def of_trainer(cls, trainer) -> ConstrainedState:
+        """`capture` of a `CEAGTrainer`'s live state."""
+        return cls.capture(
+            trainer.problem, trainer.dual_optimizer, trainer.pruner, trainer.dense_reference, trainer.dense_correct,
+            trainer.group_index, trainer.args.mitigation, trainer.args.buffer_size, trainer.constraint_reference,
+            trainer.pruning_seconds,
+        )  # fmt: skip
+
+    @classmethod
     def capture(
         cls,
         problem: GroupConstrainedProblem,
@@ -141,15 +150,21 @@ class ConstrainedState:
             pruning_seconds=float(meta.get("pruning_seconds", 0.0)),
         )
 
-    def check_compatible(self, mitigation: str, buffer_size: int, group_names: list[str]) -> None:
-        """Refuse to resume into a run whose groups, mitigation or buffer size differ."""
+    def check_compatible(self, args, group_names: list[str], held_out: bool) -> None:
+        """Refuse to resume into a run (`args`, a `CEAGConfig`) whose groups, mitigation, buffer size or use of
+        held-out duals (`held_out`) differ from the checkpoint's."""
         saved = self.group_index.names[: self.group_index.num_groups]
         if saved != group_names:
             raise ValueError(f"Checkpoint groups {saved} differ from this run's training groups {group_names}.")
-        if (self.mitigation, self.buffer_size) != (mitigation, buffer_size):
+        if (self.mitigation, self.buffer_size) != (args.mitigation, args.buffer_size):
             raise ValueError(
                 f"Checkpoint was written with mitigation={self.mitigation!r}, buffer_size={self.buffer_size}; "
-                f"this run has mitigation={mitigation!r}, buffer_size={buffer_size}. Use the same settings."
+                f"this run has mitigation={args.mitigation!r}, buffer_size={args.buffer_size}. Use the same settings."
+            )
+        if (self.estimate_reference is not None) != held_out:
+            raise ValueError(
+                f"Checkpoint was written with{'out' if self.estimate_reference is None else ''} held-out duals; "
+                f"this run has constraint_split={args.constraint_split}. Use the checkpoint's setting."
             )
 
     def dense_correct(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from cooper.optim import nuPI
 from cooper.optim.torch_optimizers.nupi_optimizer import nuPIInitType
+from transformers import TrainerCallback
 
 from .gaps import buffer_excess_gaps
 from .problems import EqualizedLossProblem, ExcessAccuracyGapProblem, GroupConstrainedProblem
@@ -258,3 +259,15 @@ class StepMetrics:
         self.ce_sum.zero_()
         self.micro_batches = 0
         return logs
+
+
+class DualStepUndo(TrainerCallback):
+    """After each optimizer step, undo its dual step if the fp16 loss scaler skipped it. `step()` gives the run's
+    `ConstrainedStep` (None before training builds it), `skipped()` whether the optimizer step was skipped."""
+
+    def __init__(self, step: Callable[[], ConstrainedStep | None], skipped: Callable[[], bool]) -> None:
+        self.step, self.skipped = step, skipped
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.step() is not None:
+            self.step().undo_if_skipped(self.skipped())
