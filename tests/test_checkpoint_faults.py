@@ -159,7 +159,7 @@ def checkpoint(tmp_path_factory, digits):
         output_dir=str(tmp_path_factory.mktemp("run")), max_steps=3, per_device_train_batch_size=32,
         per_device_eval_batch_size=256, learning_rate=0.01, optim="sgd", pruning_end_epoch=0.02,
         target_sparsity=0.8, buffer_size=4, mitigation="ceag", save_strategy="steps", save_steps=3,
-        report_to="none", disable_tqdm=True, use_cpu=True,
+        report_to="none", disable_tqdm=True, use_cpu=True, allow_weak_dense_model=True,
     )  # fmt: skip
     CEAGTrainer(model, config, train_dataset=digits["train"]).train()
     return os.path.join(config.output_dir, "checkpoint-3"), config
