@@ -42,6 +42,7 @@ from hf_ceag.ceag_config import has_accelerator
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import load_recipe_data
 from hf_ceag.models.classifiers import load_classifier, save_loadable
+from hf_ceag.models.cpu_bf16 import protect_cpu_bf16_convolutions
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -229,7 +230,9 @@ def dense_model(
     if num_labels is None:
         num_labels = int(max(data["train"].with_format(None)["label"])) + 1
     set_seed(config.seed)
-    model = build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size)
+    model = for_this_machine(
+        build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size), config
+    )
     dense_args = dataclasses.replace(
         config,
         output_dir=dense_dir,
@@ -260,6 +263,14 @@ def dense_model(
     return dense_dir
 
 
+def for_this_machine(model, config: CEAGConfig):
+    """`model`, ready to train under `config`: under bf16 autocast on a CPU, its strided convolutions compute in
+    fp32 where oneDNN's bf16 weight gradient would be NaN (`hf_ceag.models.cpu_bf16`)."""
+    if config.bf16 and (config.use_cpu or not has_accelerator()):
+        protect_cpu_bf16_convolutions(model)
+    return model
+
+
 def prune_with(
     mitigation: str,
     dense_dir: str,
@@ -278,7 +289,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
-    model = load_classifier(dense_dir)
+    model = for_this_machine(load_classifier(dense_dir), config)
     trainer = CEAGTrainer(
         model=model,
         args=args,
