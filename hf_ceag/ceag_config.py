@@ -44,69 +44,56 @@ class CEAGConfig(TrainingArguments):
     buffer_size: int = field(
         default=40,
         metadata={
-            "help": "Replay buffer size k: per-group estimates use each group's k most recent training samples "
-            "(0 = estimates from the current mini-batch only)."
+            "help": "Replay buffer size k: each group's estimates use its k most recent training samples (0: "
+            "the current mini-batch only)."
         },
     )
     dual_lr: float = field(
         default=1e-2,
         metadata={
-            "help": "Learning rate of the Lagrange multipliers (projected ascent with dual_optimizer). Keep it "
-            "small."
+            "help": "Learning rate of the Lagrange multipliers (ascent with dual_optimizer); keep it small."
         },
     )
     dual_optimizer: Literal["sgd", "nupi"] = field(
         default="sgd",
         metadata={
-            "help": "How the multipliers follow the estimated violations, both as projected ascent at dual_lr: "
-            "'sgd' is plain gradient ascent, as in the paper; 'nupi' is Cooper's nuPI, a PI controller on the "
-            "violations (Sohrabi et al., ICML 2024) that damps the oscillations of plain ascent and so makes "
-            "training less sensitive to dual_lr. Its gains are nupi_kp, nupi_ki and nupi_ema_nu.",
+            "help": "'sgd': plain projected ascent of the multipliers (the paper's); 'nupi': Cooper's nuPI "
+            "controller (Sohrabi et al., ICML 2024), which damps its oscillations (gains nupi_*).",
             "choices": list(DUAL_OPTIMIZERS),
         },
     )
     nupi_kp: float = field(
         default=NUPI_DEFAULTS["nupi_kp"],
         metadata={
-            "help": "nuPI proportional gain kappa_p (dual_optimizer='nupi'), >= 0: each step adds "
-            "dual_lr * kappa_p * (change of the smoothed violation). 0 gives plain SGD (with nupi_ki=1). Default 1: "
-            "with nupi_ki=1 and nupi_ema_nu=0 it is the optimistic gradient method (Popov 1980), the simplest "
-            "PI controller Sohrabi et al. (ICML 2024) analyse, which tune kappa_p per task; issue 13's benchmark "
-            "measures it here."
+            "help": "nuPI proportional gain kappa_p >= 0: each step adds dual_lr * kappa_p * (change of the "
+            "smoothed violation). With nupi_ki=1, 0 is plain SGD, 1 optimistic gradient (Popov 1980)."
         },
     )
     nupi_ki: float = field(
         default=NUPI_DEFAULTS["nupi_ki"],
-        metadata={
-            "help": "nuPI integral gain kappa_i (dual_optimizer='nupi'), >= 0: each step adds dual_lr * kappa_i * "
-            "violation. Default 1, so that nupi_kp=0 is exactly plain SGD at dual_lr."
-        },
+        metadata={"help": "nuPI integral gain kappa_i >= 0: each step adds dual_lr * kappa_i * violation."},
     )
     nupi_ema_nu: float = field(
         default=NUPI_DEFAULTS["nupi_ema_nu"],
         metadata={
-            "help": "nuPI smoothing nu in [0, 1) (dual_optimizer='nupi'): the proportional term follows an "
-            "exponential moving average of the violations, xi_t = nu xi_(t-1) + (1 - nu) e_t. Default 0: no "
-            "smoothing (the replay buffers already average each group's estimate)."
+            "help": "nuPI smoothing nu in [0, 1): the proportional term follows xi_t = nu xi_(t-1) + (1 - nu) "
+            "e_t of the violations e_t (0: none)."
         },
     )
     surrogate_overall_gradient: bool = field(
         default=False,
         metadata={
-            "help": "CEAG: let the primal step follow the gradient of the overall-loss term of the proxy "
-            "constraints (L_g - L_g_dense) - (L - L_dense), as the paper's code does. Off by default: once the "
-            "multipliers sum past 1, that term makes the step raise the loss of the other groups, and training "
-            "can collapse (seen at 99%% sparsity)."
+            "help": "CEAG: the primal step also follows the proxy constraints' overall-loss term (as the paper's "
+            "code); once the multipliers sum past 1 it raises the other groups' loss (collapse at 99%% sparsity)."
         },
     )
+    # Held-out duals: one batch of the held-out rows per micro-batch, in eval mode, against the dense model's
+    # accuracy on the same rows, so that the constraints aim at accuracy on data the primal step has not seen.
     constraint_split: float = field(
         default=0.0,
         metadata={
-            "help": "Held-out duals: the fraction of the training rows (stratified by group) kept out of the "
-            "primal step; the dual step's accuracy estimates come from the model's eval-mode predictions on "
-            "those rows (one batch of them per micro-batch), against the dense model's accuracy on the same "
-            "rows, so that the constraints aim at accuracy on data the primal step has not seen (Cotter et al. "
-            "2019). 0 = the paper's scheme: estimates from the training batches themselves."
+            "help": "Held-out duals (Cotter et al. 2019): fraction of the training rows (stratified by group) "
+            "kept from the primal step, on which the dual step estimates accuracy (0: on the training batches)."
         },
     )
     target_sparsity: float = field(
@@ -125,14 +112,14 @@ class CEAGConfig(TrainingArguments):
     pruning_method: Literal["magnitude", "fairgrape"] = field(
         default="magnitude",
         metadata={
-            "help": "'magnitude': gradual magnitude pruning on the cubic schedule; 'fairgrape': FairGRAPE "
-            "group-aware importance pruning in geometric rounds (runs with mitigation 'none').",
+            "help": "'magnitude' on the cubic schedule, or 'fairgrape': group-aware importance pruning in "
+            "geometric rounds (with mitigation 'none').",
             "choices": list(PRUNING_METHODS),
         },
     )
     fairgrape_rounds: int = field(
         default=3,
-        metadata={"help": "FairGRAPE: pruning rounds, evenly spaced between pruning start and end epochs."},
+        metadata={"help": "FairGRAPE: pruning rounds, spread between the pruning start and end epochs."},
     )
     fairgrape_calibration_batches: int = field(
         default=8, metadata={"help": "FairGRAPE: training batches scored per round for group importance."}
@@ -143,8 +130,8 @@ class CEAGConfig(TrainingArguments):
     pruning_end_epoch: float | None = field(
         default=None,
         metadata={
-            "help": "Epoch at which target_sparsity is reached (default: half of num_train_epochs). "
-            "Fine-tuning continues after it."
+            "help": "Epoch at which target_sparsity is reached (None: half of num_train_epochs). Fine-tuning "
+            "continues after it."
         },
     )
     pruning_frequency: int = field(
@@ -156,14 +143,14 @@ class CEAGConfig(TrainingArguments):
     mitigate_during_pruning: bool = field(
         default=False,
         metadata={
-            "help": "Turn the constraints on from the first step; by default they start once the final "
-            "sparsity is reached."
+            "help": "Turn the constraints on from the first step; when off, they start once the final sparsity "
+            "is reached."
         },
     )
     group_columns: list[str] = field(
         default_factory=lambda: ["group"],
         metadata={
-            "help": "Dataset column(s) holding the protected groups (ints or strings). Several columns make "
+            "help": "Dataset column(s) holding the protected groups (ints or strings); several make "
             "intersectional groups."
         },
     )
@@ -188,7 +175,7 @@ class CEAGConfig(TrainingArguments):
     # step from `NonFiniteGuard` and reads the loss back to the host on every step.
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "Replace a NaN/inf training loss by the running mean in the logs (default off here)."},
+        metadata={"help": "Log a NaN/inf loss as the running mean (hiding it from NonFiniteGuard)."},
     )
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import datasets
@@ -172,18 +173,19 @@ def check_input_size(model, name: str, dataset: datasets.Dataset) -> None:
 
 def correct_predictions(model, dataset: datasets.Dataset, audit: AuditArguments) -> torch.Tensor:
     """Per-row correctness of `model` on `dataset`, in row order (Trainer.predict: any device, any launcher)."""
-    args = TrainingArguments(
-        output_dir=os.path.join(audit.output_dir, "_predict"),
-        per_device_eval_batch_size=audit.batch_size,
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=False,
-        dataloader_pin_memory=has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
-    )
     rows = dataset.remove_columns(
         [c for c in audit.group_columns + [GROUP_ID_COLUMN] if c in dataset.column_names]
     )
-    output = Trainer(model=model, args=args).predict(rows)
+    with tempfile.TemporaryDirectory() as scratch:  # predict saves nothing, but the Trainer wants a folder
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=audit.batch_size,
+            remove_unused_columns=False,
+            report_to="none",
+            disable_tqdm=False,
+            dataloader_pin_memory=has_accelerator(),  # nothing to pin for on a CPU machine (and no warning per pass)
+        )
+        output = Trainer(model=model, args=args).predict(rows)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     return torch.as_tensor(logits).argmax(-1) == torch.as_tensor(output.label_ids)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prune a dense image classifier with each mitigation and report every group's accuracy change.
+"""Prune a dense image classifier with each mitigation and report each group's accuracy change.
 
 With no arguments it runs the embedded default end to end, offline: trains a small dense timm model on
 scikit-learn's digits (reused on later runs), prunes it with NFT and with CEAG, and prints per group and
@@ -9,7 +9,8 @@ per split n, dense and sparse accuracy, ψ_g and whether max ψ_g <= ε.
     python scripts/run_ceag.py --dataset_name imagefolder --data_dir my_images --group_columns skin_tone \
         --model_name_or_path resnet18 --image_size 64 --output_dir outputs/mine
 
-Every `CEAGConfig` / `TrainingArguments` flag works (`--help` lists them); it runs under `accelerate launch`.
+`--help` lists the data, model and hf-ceag flags; every `TrainingArguments` flag works too (`--help_all`). It runs
+under `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli_help, beside this file
+import cli_help
+
+if __name__ == "__main__":  # --help prints before torch is imported: in a fraction of a second, not ten
+    cli_help.exit_with_short_help_if_asked(sys.argv[1:], os.path.basename(sys.argv[0]))
 
 import datasets
 import torch
@@ -42,6 +49,7 @@ from hf_ceag.ceag_config import has_accelerator
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import load_recipe_data
 from hf_ceag.models.classifiers import load_classifier, save_loadable
+from hf_ceag.models.cpu_bf16 import protect_cpu_bf16_convolutions
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 
@@ -80,6 +88,27 @@ RECIPE_DEFAULTS = {
 }
 
 
+_METHODS = "none ceag"
+
+# What the generic flags mean in this script, in its --help.
+SCRIPT_HELP = {
+    "mitigation": "--mitigation X alone (none, ceag or equalized_loss) is --methods X: this script runs each of "
+    f"--methods (default: {_METHODS}) into its own folder.",
+    "output_dir": "Folder of the run: the dense model (dense/, reused by later runs) and one folder per method.",
+    "num_train_epochs": "Epochs of each pruning run (the dense model trains for --dense_epochs).",
+    "learning_rate": "Learning rate of each pruning run (the dense model's: --dense_learning_rate).",
+    "lr_scheduler_type": "Learning-rate schedule of each pruning run (the dense model's: cosine).",
+    "per_device_train_batch_size": "Training batch per process; when not given, several processes share the "
+    "recipe's batch.",
+    "seed": "Seed of the embedded data's split, the dense model and every run.",
+    "optim": "Optimizer of every run, dense included (--help_all lists the choices).",
+    "bf16": "Train in bfloat16 mixed precision (autocast), on a GPU or a CPU.",
+    "logging_steps": "Log, and check that the loss is finite, every this many optimizer steps.",
+    "push_to_hub": "Publish each pruned model (not the dense one) to the Hub, --hub_model_id; one whose report "
+    "carries a warning is refused.",
+}
+
+
 @dataclass
 class DataArguments:
     """Which data, and how images become `pixel_values` (shared with scripts/audit.py)."""
@@ -87,8 +116,8 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A Hub dataset id, 'imagefolder' (with --data_dir) or a csv of image paths. Default: the "
-            "embedded digits data (no network)."
+            "help": "A Hub dataset id, 'imagefolder' (with --data_dir) or a csv of image paths; None: the "
+            "embedded digits (offline)."
         },
     )
     data_dir: str | None = field(default=None, metadata={"help": "Folder of the data for 'imagefolder'."})
@@ -96,16 +125,17 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     image_size: int | None = field(
         default=None,
-        metadata={"help": "Images are resized to image_size × image_size (default: 16 for digits, 64 otherwise)."},
+        metadata={
+            "help": "Images are resized to image_size × image_size (default: 16 for the embedded digits, 64 "
+            "otherwise)."
+        },
     )
     test_size: float = field(default=0.25, metadata={"help": "Held-out fraction when the data has no test split."})
     digits_variant: str = field(
         default="styled",
         metadata={
-            "help": "Embedded data only: 'styled' (default) is 10,776 seeded augmentations of the digits, 10 %% "
-            "of them contrast-inverted, grouped by style (plain / inverted; see hf_ceag.data.styled_digits); "
-            "'imbalanced' (the raw 8x8 digits grouped by digit, keeping 20 %% of the training rows of 3 and 8) "
-            "and 'balanced' (all of them) are small and fast, for tests.",
+            "help": "Embedded data: 'styled' (10,776 augmented digits, 10 %% inverted, grouped by style); "
+            "'imbalanced' and 'balanced' (8x8 digits by digit) are small, for tests.",
             "choices": ["styled", "balanced", "imbalanced"],
         },
     )
@@ -124,8 +154,8 @@ class ScriptArguments(DataArguments):
     model_name_or_path: str = field(
         default="test_resnet",
         metadata={
-            "help": "Dense model: a save_pretrained folder (used as is), or a timm architecture / transformers "
-            "model type trained from scratch here."
+            "help": "Dense model: a save_pretrained folder, or a timm architecture / transformers model type "
+            "to train here."
         },
     )
     dense_epochs: float = field(
@@ -133,8 +163,11 @@ class ScriptArguments(DataArguments):
     )
     dense_learning_rate: float = field(default=0.05, metadata={"help": "Learning rate of dense training."})
     methods: list[str] = field(
-        default_factory=lambda: ["none", "ceag"],
-        metadata={"help": "Mitigations to run, each into its own folder: none (nft), ceag, equalized_loss (el)."},
+        default_factory=lambda: _METHODS.split(),
+        metadata={
+            "help": "Mitigations to run, each into its own folder: none (nft: naive fine-tuning), ceag (the "
+            "constraints on psi_g), equalized_loss (el)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -229,7 +262,9 @@ def dense_model(
     if num_labels is None:
         num_labels = int(max(data["train"].with_format(None)["label"])) + 1
     set_seed(config.seed)
-    model = build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size)
+    model = for_this_machine(
+        build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size), config
+    )
     dense_args = dataclasses.replace(
         config,
         output_dir=dense_dir,
@@ -260,6 +295,14 @@ def dense_model(
     return dense_dir
 
 
+def for_this_machine(model, config: CEAGConfig):
+    """`model`, ready to train under `config`: under bf16 autocast on a CPU, its strided convolutions compute in
+    fp32 where oneDNN's bf16 weight gradient would be NaN (`hf_ceag.models.cpu_bf16`)."""
+    if config.bf16 and (config.use_cpu or not has_accelerator()):
+        protect_cpu_bf16_convolutions(model)
+    return model
+
+
 def prune_with(
     mitigation: str,
     dense_dir: str,
@@ -278,7 +321,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
-    model = load_classifier(dense_dir)
+    model = for_this_machine(load_classifier(dense_dir), config)
     trainer = CEAGTrainer(
         model=model,
         args=args,
@@ -333,10 +376,28 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[S
         known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{args[0]}: unknown field(s) {unknown}; `--help` lists the valid ones.")
+            raise ValueError(f"{args[0]}: unknown field(s) {unknown}; `--help_all` lists the valid ones.")
         parser.set_defaults(**values)
         args = args[1:]
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+def build_parser() -> HfArgumentParser:
+    """The script's parser: every `ScriptArguments`, `CEAGConfig` and `TrainingArguments` flag, at the defaults this
+    script uses (`RECIPE_DEFAULTS`, then what the machine needs); `--help` prints the short, grouped help of
+    scripts/cli_help.py, `--help_all` every flag."""
+    parser = HfArgumentParser(
+        (ScriptArguments, CEAGConfig),
+        add_help=False,
+        formatter_class=cli_help.DefaultsFormatter,
+        usage=cli_help.USAGE,
+    )
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    _set_machine_defaults(parser)
+    for action in parser._actions:
+        action.help = SCRIPT_HELP.get(action.dest, action.help) if action.nargs != 0 else action.help
+    cli_help.add_help_flags(parser)
+    return parser
 
 
 def _use_cpu_processes_if_no_accelerator() -> None:
@@ -418,10 +479,7 @@ def _keep_global_batch(config: CEAGConfig, given: set[str]) -> CEAGConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     _use_cpu_processes_if_no_accelerator()
-    parser = HfArgumentParser((ScriptArguments, CEAGConfig))
-    parser.set_defaults(**RECIPE_DEFAULTS)
-    _set_machine_defaults(parser)
-    script, config = parse_arguments(parser, argv)
+    script, config = parse_arguments(build_parser(), argv)
     given = _given(argv)
     methods = resolve_methods(script, config, given)
     config = _keep_global_batch(config, given)

@@ -474,9 +474,11 @@ def plot_excess_gaps(report: dict[str, Any], path: str) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Plain-text tables for the terminal, one per split, with the verdicts."""
     eps = report["tolerance"]
+    target = report["target_sparsity"]  # None for a model pruned elsewhere (scripts/audit.py): not printed
     header = (
-        f"method={report['method']}  tolerance={eps:g}  target_sparsity={report['target_sparsity']}  "
-        f"sparsity={report['sparsity']:.4f}"
+        f"method={report['method']}  tolerance={eps:g}  "
+        + ("" if target is None else f"target_sparsity={target}  ")
+        + f"sparsity={report['sparsity']:.4f}"
     )
     lines = [header]
     for split, data in report["splits"].items():
