@@ -52,6 +52,11 @@ from hf_ceag.models.classifiers import load_classifier, save_loadable
 from hf_ceag.models.cpu_bf16 import protect_cpu_bf16_convolutions
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
+# --methods takes each method by the name its reports and folders give it (nft, ceag, el), or by its mitigation
+METHOD_NAMES = {
+    **{folder: mitigation for mitigation, folder in METHOD_FOLDERS.items()},
+    **{m: m for m in METHOD_FOLDERS},
+}
 
 # The embedded recipe: what the defaults of the generic TrainingArguments become in this script. On the styled
 # digits (hf_ceag.data.styled_digits), naive fine-tuning of a 97.5 %-sparse test_resnet lets the rare inverted style
@@ -88,7 +93,7 @@ RECIPE_DEFAULTS = {
 }
 
 
-_METHODS = "none ceag"
+_METHODS = "nft ceag"
 
 # What the generic flags mean in this script, in its --help.
 SCRIPT_HELP = {
@@ -165,16 +170,17 @@ class ScriptArguments(DataArguments):
     methods: list[str] = field(
         default_factory=lambda: _METHODS.split(),
         metadata={
-            "help": "Mitigations to run, each into its own folder: none (nft: naive fine-tuning), ceag (the "
-            "constraints on psi_g), equalized_loss (el)."
+            "help": "Methods to run, each into its own folder named after it: nft (naive fine-tuning, also "
+            "'none'), ceag (the constraints on psi_g), el (equalized loss, also 'equalized_loss')."
         },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        bad = [m for m in self.methods if m not in METHOD_FOLDERS]
+        bad = [m for m in self.methods if m not in METHOD_NAMES]
         if bad:
-            raise ValueError(f"--methods: {bad} unknown; choose from {list(METHOD_FOLDERS)}.")
+            raise ValueError(f"--methods: {bad} unknown; choose from {list(METHOD_FOLDERS.values())}.")
+        self.methods = [METHOD_NAMES[m] for m in self.methods]  # by mitigation from here on
 
 
 def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.DatasetDict, int]:
@@ -342,6 +348,16 @@ def prune_with(
     return report
 
 
+def card_dataset_name(script: DataArguments) -> str | None:
+    """The dataset as the card names it: a Hub id as given, an image folder or a csv by its own name (never a path
+    of this machine); None for the embedded data, which names itself."""
+    if script.dataset_name == "imagefolder":
+        return f"imagefolder {os.path.basename(os.path.normpath(script.data_dir))}"
+    if script.dataset_name and script.dataset_name.endswith(".csv"):
+        return os.path.basename(script.dataset_name)
+    return script.dataset_name
+
+
 def hub_model_id(mitigation: str, config: CEAGConfig, methods: list[str] | None) -> str | None:
     """The Hub repo of one method's model: `--hub_model_id`, suffixed with the method's folder name when several
     methods run (so that NFT and CEAG do not overwrite each other in one repo)."""
@@ -446,7 +462,7 @@ def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]
             )
         methods = [config.mitigation]
     if config.pruning_method == "fairgrape" and methods != ["none"]:
-        print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods none).")
+        print("FairGRAPE is itself the mitigation: running it without fine-tuning constraints (--methods nft).")
         methods = ["none"]
     for method in methods:  # each method's own config validates now, not after dense training
         method_config(config, method)
@@ -490,7 +506,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
     dense_dir = dense_model(script, config, data, channels, processor)
     reports = {
-        method_folder(m, config): prune_with(m, dense_dir, config, data, processor, methods, script.dataset_name)
+        method_folder(m, config): prune_with(
+            m, dense_dir, config, data, processor, methods, card_dataset_name(script)
+        )
         for m in methods
     }
     if config.process_index == 0:

@@ -71,6 +71,8 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path, check_pipeline):
     assert {g["name"] for g in report["splits"]["train"]["groups"]} == {"light", "dark"}
     assert sum(g["n"] for g in report["splits"]["test"]["groups"]) == report["splits"]["test"]["n"]
     assert (out / "dense" / "model.safetensors").exists() and (out / "ceag" / "model.safetensors").exists()
+    card = (out / "ceag" / "README.md").read_text()  # named by the folder's name, never another dataset's
+    assert "on `imagefolder images`" in card and "digits" not in card.lower() and str(tmp_path) not in card
 
     # both folders work with transformers' pipeline on the images themselves, with the pixel values (and so the
     # predictions) the model was trained and evaluated on; it used to resize them to timm's default 160 px
