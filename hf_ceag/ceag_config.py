@@ -65,8 +65,8 @@ class CEAGConfig(TrainingArguments):
     nupi_kp: float = field(
         default=NUPI_DEFAULTS["nupi_kp"],
         metadata={
-            "help": "nuPI proportional gain kappa_p >= 0: each step adds dual_lr * kappa_p * (change of the "
-            "smoothed violation). With nupi_ki=1, 0 is plain SGD, 1 optimistic gradient (Popov 1980)."
+            "help": "nuPI proportional gain kappa_p >= 0 on the change of the smoothed violation (with "
+            "nupi_ki=1: 0 is plain SGD, 1 optimistic gradient)."
         },
     )
     nupi_ki: float = field(
@@ -83,8 +83,8 @@ class CEAGConfig(TrainingArguments):
     surrogate_overall_gradient: bool = field(
         default=False,
         metadata={
-            "help": "CEAG: the primal step also follows the proxy constraints' overall-loss term (as the paper's "
-            "code); once the multipliers sum past 1 it raises the other groups' loss (collapse at 99%% sparsity)."
+            "help": "CEAG: the primal step also follows the proxy's overall-loss term, as the paper's code "
+            "(it can collapse at 99%% sparsity)."
         },
     )
     # Held-out duals: one batch of the held-out rows per micro-batch, in eval mode, against the dense model's
@@ -92,8 +92,8 @@ class CEAGConfig(TrainingArguments):
     constraint_split: float = field(
         default=0.0,
         metadata={
-            "help": "Held-out duals (Cotter et al. 2019): fraction of the training rows (stratified by group) "
-            "kept from the primal step, on which the dual step estimates accuracy (0: on the training batches)."
+            "help": "Held-out duals: fraction of the training rows (by group) kept from the primal step for the "
+            "dual step's estimates (0: none)."
         },
     )
     target_sparsity: float = field(
@@ -157,18 +157,14 @@ class CEAGConfig(TrainingArguments):
     max_accuracy_drop: float = field(
         default=0.1,
         metadata={
-            "help": "Largest overall accuracy drop (dense minus sparse accuracy, a fraction) of a model that may be "
-            "published: excess gaps are relative, so a model that collapses for every group alike meets every "
-            "constraint. push_to_hub refuses a model whose drop on any audited split is larger, as it refuses "
-            "a violated constraint (override: push_to_hub(allow_violated_constraints=True))."
+            "help": "push_to_hub refuses a model whose overall accuracy fell by more than this on a split "
+            "(psi_g is relative)."
         },
     )
     allow_weak_dense_model: bool = field(
         default=False,
         metadata={
-            "help": "Prune a dense model whose training accuracy is at most 5 points above chance (the most "
-            "frequent class's share). Off: such a model is refused before any pruning, since every excess gap "
-            "measured against it is meaningless (an untrained model, or the wrong checkpoint)."
+            "help": "Prune a dense model at most 5 points above chance on its training data (else refused)."
         },
     )
     # TrainingArguments' default (True) replaces a non-finite loss by the running mean, which hides a broken

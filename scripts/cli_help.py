@@ -37,7 +37,7 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
         "",
         (
             "tolerance dual_lr buffer_size dual_optimizer nupi_kp nupi_ki nupi_ema_nu constraint_split "
-            "surrogate_overall_gradient mitigate_during_pruning"
+            "surrogate_overall_gradient mitigate_during_pruning max_accuracy_drop allow_weak_dense_model"
         ),
     ),
     "hf-ceag: pruning": (

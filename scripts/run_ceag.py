@@ -97,20 +97,17 @@ _METHODS = "nft ceag"
 
 # What the generic flags mean in this script, in its --help.
 SCRIPT_HELP = {
-    "mitigation": "--mitigation X alone (none, ceag or equalized_loss) is --methods X: this script runs each of "
-    f"--methods (default: {_METHODS}) into its own folder.",
+    "mitigation": f"none, ceag or equalized_loss: alone, it is --methods X (default: {_METHODS}).",
     "output_dir": "Folder of the run: the dense model (dense/, reused by later runs) and one folder per method.",
     "num_train_epochs": "Epochs of each pruning run (the dense model trains for --dense_epochs).",
     "learning_rate": "Learning rate of each pruning run (the dense model's: --dense_learning_rate).",
     "lr_scheduler_type": "Learning-rate schedule of each pruning run (the dense model's: cosine).",
-    "per_device_train_batch_size": "Training batch per process; when not given, several processes share the "
-    "recipe's batch.",
+    "per_device_train_batch_size": "Batch per process (not given: processes share the recipe's 64).",
     "seed": "Seed of the embedded data's split, the dense model and every run.",
     "optim": "Optimizer of every run, dense included (--help_all lists the choices).",
     "bf16": "Train in bfloat16 mixed precision (autocast), on a GPU or a CPU.",
     "logging_steps": "Log, and check that the loss is finite, every this many optimizer steps.",
-    "push_to_hub": "Publish each pruned model (not the dense one) to the Hub, --hub_model_id; one whose report "
-    "carries a warning is refused.",
+    "push_to_hub": "Publish each pruned model (not the dense one) to --hub_model_id, unless its audit refuses it.",
 }
 
 
