@@ -50,8 +50,8 @@ def test_split_report_against_naive_count():
 
 
 def test_a_split_with_no_judged_group_saves_valid_json_and_a_card_without_nan(tmp_path):
-    """max ψ_g and the spread of a split whose groups are all too small to judge do not exist: report.json says
-    null (bare NaN is not JSON), and the card's model-index leaves them out rather than write `.nan`."""
+    """A figure that does not exist (NaN, e.g. of a split without rows) is saved as null in report.json (bare NaN
+    is not JSON), and the card's model-index leaves it out rather than write `.nan`."""
     import json
 
     import yaml
@@ -63,7 +63,10 @@ def test_a_split_with_no_judged_group_saves_valid_json_and_a_card_without_nan(tm
     groups = torch.tensor([0, 0, 1, 1, 1])
     correct = torch.tensor([True, False, True, True, False])
     split = split_report(groups, correct, correct, ["a", "b"], tolerance=0.01, min_samples=10)
-    assert split["judged_groups"] == 0 and math.isnan(split["max_excess_gap"])
+    # the headline covers groups too small to judge: it exists, with the group it comes from and its flag
+    assert split["judged_groups"] == 0 and split["max_excess_gap"] == 0.0
+    assert split["max_excess_gap_status"] == "too few samples"
+    split.update(max_excess_gap=float("nan"), excess_gap_spread=float("nan"))  # figures that do not exist
     report = build_report("ceag", 0.01, 0.5, 0.5, {"train": split})
 
     path = save_report(report, str(tmp_path))

@@ -371,6 +371,7 @@ def scaled_down(config, out, train_rows):
         dataloader_num_workers=0,
         logging_steps=1,
         disable_tqdm=True,
+        allow_weak_dense_model=True,  # its dense model trained for 2 steps
     )
 
 

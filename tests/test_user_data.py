@@ -52,6 +52,8 @@ def test_imagefolder_end_to_end_through_the_cli(tmp_path, check_pipeline):
             "16",
             "--dense_epochs",
             "1",
+            "--allow_weak_dense_model",
+            "true",
             "--num_train_epochs",
             "2",
             "--pruning_end_epoch",

@@ -87,6 +87,8 @@ def quick_settings(recipe: Recipe) -> dict[str, Any]:
             "0.9",
             "--buffer_size",
             "8",
+            "--allow_weak_dense_model",
+            "true",
         ],
     }
 
@@ -200,6 +202,8 @@ def run_config(recipe: Recipe, settings, extra: list[str], output_dir: str, seed
         "--num_train_epochs", str(settings.epochs), "--pruning_end_epoch", str(settings.pruning_end_epoch),
         "--dense_epochs", str(settings.dense_epochs), "--disable_tqdm", "true", *extra,
     ]  # fmt: skip
+    if settings.quick:  # the miniature checks that every part runs: its dense models are barely trained
+        args += ["--allow_weak_dense_model", "true"]
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
 

@@ -92,6 +92,7 @@ def fine_tune_args(config: CEAGConfig, output_dir: str, steps: int, sparsity: fl
         mitigate_during_pruning=True,
         save_strategy="no",
         eval_strategy="no",
+        allow_weak_dense_model=True,  # a step's time does not depend on how well the dense model was trained
         **schedule,
         **kw,
     )
