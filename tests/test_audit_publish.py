@@ -1,4 +1,4 @@
-"""Issue 3: report intervals and statuses, the evaluate metric, per-group eval logs, model card, the
+"""Report intervals and statuses, the evaluate metric, per-group eval logs, model card, the
 push_to_hub gate, timm-loadable folders and scripts/audit.py."""
 
 import copy

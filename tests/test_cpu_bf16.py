@@ -53,7 +53,7 @@ def test_the_default_recipe_trains_in_bf16_on_a_cpu(tmp_path):
     reports = run_ceag.main(
         ["--output_dir", str(out), "--bf16", "true", "--use_cpu", "true", "--dense_epochs", "0.2",
          "--num_train_epochs", "0.3", "--pruning_end_epoch", "0.1", "--logging_steps", "2", "--methods", "ceag",
-         "--disable_tqdm", "true"]
+         "--disable_tqdm", "true", "--allow_weak_dense_model", "true"]  # 0.2 epochs: barely trained
     )  # fmt: skip
     assert json.loads((out / "ceag" / "run_config.json").read_text())["bf16"]
     for name in ("dense", "ceag"):  # NonFiniteGuard read the loss and grad_norm every 2 steps; the weights too

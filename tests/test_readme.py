@@ -67,6 +67,25 @@ def test_python_example_runs_and_its_folder_is_pipeline_ready(tmp_path, check_pi
     images = [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L") for image in digits]
     check_pipeline(tmp_path / "out" / "sparse", images, digits_pixel_values(digits, 16), atol=0.02)
 
+    # a grey image through the saved processor, as the card's "How to load" says (convert it to RGB first): the
+    # trained model's own prediction; without the conversion the processor used to raise a shape error
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    folder = tmp_path / "out" / "sparse"
+    card = (folder / "README.md").read_text()
+    assert '.convert("RGB")' in card
+    images[0].save(tmp_path / "digit.png")
+    processor = AutoImageProcessor.from_pretrained(str(folder))
+    inputs = processor(Image.open(tmp_path / "digit.png").convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        logits = AutoModelForImageClassification.from_pretrained(str(folder)).eval()(**inputs).logits
+    from hf_ceag import load_classifier
+
+    with torch.no_grad():  # the model as trained (1 channel) on the float digit: the same output, up to 8-bit
+        own = load_classifier(str(folder)).eval()(pixel_values=digits_pixel_values(digits[:1], 16)).logits
+    torch.testing.assert_close(logits.softmax(-1), own.softmax(-1), rtol=0, atol=0.02)
+
 
 def test_audit_command_parses():
     import audit

@@ -287,7 +287,7 @@ def parse(path):
     return HfArgumentParser((ScriptArguments, CEAGConfig)).parse_yaml_file(str(path))
 
 
-# Typed from issue 7 (the reference implementation's settings), not read from the files.
+# Typed from the reference implementation's settings (the paper's code), not read from the files.
 PAPER_COLUMNS = ("model", "image_size", "epochs", "batch", "lr", "optim_args", "sparsity", "tolerance", "dual_lr")
 PAPER_ROWS = {
     "utkface": ("mobilenetv2_100", 200, 60, 128, 0.01, "momentum=0.9", 0.9, 0.01, 1e-4),

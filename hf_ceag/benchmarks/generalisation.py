@@ -169,7 +169,7 @@ def generalisation_table(rows: list[dict]) -> str:
 
 
 def generalisation_goals(rows: list[dict], settings) -> list[str]:
-    """The issue's goals, each with its figures: test max ψ_g at least 25 % lower than CEAG's at test accuracy
+    """The goals of the mitigations of part 5, each with its figures: test max ψ_g at least 25 % lower than CEAG's at test accuracy
     within one point (held-out duals, nuPI); nuPI feasible on train at every dual lr; the spread of final λ."""
     mean = {}
     for r in rows:
