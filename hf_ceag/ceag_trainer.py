@@ -51,6 +51,7 @@ from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
 from .data.prepared import PreparedData
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
+from .models.cpu_bf16 import protect_for_cpu_bf16
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
 from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
@@ -77,6 +78,7 @@ class CEAGTrainer(Trainer):
         config, model, train_dataset = params.get("args"), params.get("model"), params.get("train_dataset")
         narrow_for_grayscale_data(model, train_dataset)  # a grayscale model hf-ceag published as an RGB one
         check_trainer_inputs(config, model, train_dataset, CEAGConfig)
+        protect_for_cpu_bf16(model, config)  # oneDNN's bf16 strided convolutions on tiny inputs give NaN
         if config.should_save:  # found now, not when the run first saves (after the dense pass, or hours later)
             check_writable_folder(config.output_dir)
         self.data = PreparedData.prepare(
@@ -189,7 +191,8 @@ class CEAGTrainer(Trainer):
         check_collated_batch(
             self._remove_unused_columns(self.train_dataset, "training"), self.data_collator, LABEL_COLUMNS
         )  # a collator or transform that drops labels or group ids fails now, not after the dense pass
-        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        # the newest complete checkpoint for True (incomplete ones passed over, with a warning); a given one whole
+        checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.save_only_model)
         saved = ConstrainedState.load(checkpoint) if checkpoint else None
         if saved is not None:
             train_groups = self.group_index.names[: self.group_index.num_groups]
@@ -221,10 +224,6 @@ class CEAGTrainer(Trainer):
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
             self.pruning.seconds = saved.pruning_seconds
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
-
-    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        # the newest complete checkpoint for True (incomplete ones passed over, with a warning); a given one whole
-        return resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.save_only_model)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save the constrained state (identical on every process), then the Trainer checkpoint beside it: the

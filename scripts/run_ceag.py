@@ -49,7 +49,7 @@ from hf_ceag.ceag_config import has_accelerator
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import load_recipe_data
 from hf_ceag.models.classifiers import load_classifier, save_loadable
-from hf_ceag.models.cpu_bf16 import protect_cpu_bf16_convolutions
+from hf_ceag.models.cpu_bf16 import protect_for_cpu_bf16
 
 METHOD_FOLDERS = {"none": "nft", "ceag": "ceag", "equalized_loss": "el"}
 # --methods takes each method by the name its reports and folders give it (nft, ceag, el), or by its mitigation
@@ -265,7 +265,7 @@ def dense_model(
     if num_labels is None:
         num_labels = int(max(data["train"].with_format(None)["label"])) + 1
     set_seed(config.seed)
-    model = for_this_machine(
+    model = protect_for_cpu_bf16(
         build_classifier(script.model_name_or_path, num_labels, id2label, channels, script.image_size), config
     )
     dense_args = dataclasses.replace(
@@ -298,14 +298,6 @@ def dense_model(
     return dense_dir
 
 
-def for_this_machine(model, config: CEAGConfig):
-    """`model`, ready to train under `config`: under bf16 autocast on a CPU, its strided convolutions compute in
-    fp32 where oneDNN's bf16 weight gradient would be NaN (`hf_ceag.models.cpu_bf16`)."""
-    if config.bf16 and (config.use_cpu or not has_accelerator()):
-        protect_cpu_bf16_convolutions(model)
-    return model
-
-
 def prune_with(
     mitigation: str,
     dense_dir: str,
@@ -324,7 +316,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
-    model = for_this_machine(load_classifier(dense_dir), config)
+    model = protect_for_cpu_bf16(load_classifier(dense_dir), config)
     trainer = CEAGTrainer(
         model=model,
         args=args,

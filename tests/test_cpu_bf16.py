@@ -60,3 +60,16 @@ def test_the_default_recipe_trains_in_bf16_on_a_cpu(tmp_path):
         weights = load_file(out / name / "model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values()), name
     assert reports["ceag"]["sparsity"] == pytest.approx(run_ceag.RECIPE_DEFAULTS["target_sparsity"], abs=1e-3)
+
+
+def test_ceag_trainer_protects_the_convolutions_of_a_bf16_run_on_a_cpu(digits, make_config):
+    """From Python as from the command line: a CEAGTrainer asked for bf16 on a CPU makes the strided convolutions
+    safe (`protect_for_cpu_bf16`); in fp32 the model is left as given."""
+    from hf_ceag import CEAGTrainer, build_classifier
+    from hf_ceag.models.cpu_bf16 import CpuBf16SafeConv2d
+
+    for bf16 in (True, False):
+        model = build_classifier("test_resnet", 10, channels=1)
+        CEAGTrainer(model, make_config(bf16=bf16, use_cpu=True), train_dataset=digits["train"])
+        safe = [n for n, m in model.named_modules() if isinstance(m, CpuBf16SafeConv2d)]
+        assert bool(safe) == bf16, (bf16, safe)

@@ -44,3 +44,13 @@ def protect_cpu_bf16_convolutions(model: nn.Module) -> list[str]:
             module.__class__ = CpuBf16SafeConv2d
             names.append(name)
     return names
+
+
+def protect_for_cpu_bf16(model: nn.Module, args) -> nn.Module:
+    """`model`, ready to train under `args` (`TrainingArguments`): under bf16 autocast on a CPU, its strided
+    convolutions compute in fp32 where oneDNN's bf16 weight gradient would be NaN; unchanged otherwise."""
+    from ..ceag_config import has_accelerator
+
+    if model is not None and args.bf16 and (args.use_cpu or not has_accelerator()):
+        protect_cpu_bf16_convolutions(model)
+    return model
