@@ -316,7 +316,7 @@ def prune_with(
     if args.process_index == 0:
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
-    model = protect_for_cpu_bf16(load_classifier(dense_dir), config)
+    model = load_classifier(dense_dir)  # CEAGTrainer makes a bf16 run on a CPU safe (models/cpu_bf16.py)
     trainer = CEAGTrainer(
         model=model,
         args=args,

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from interruptions import StopAt, straight_and_stopped
 
 from hf_ceag import CEAGConfig, CEAGTrainer, build_classifier
 from hf_ceag.constraints import state as state_module
@@ -20,16 +20,6 @@ COMMON = {
     "mitigation": "ceag", "dual_lr": 0.5, "tolerance": 0.0, "max_steps": 16, "pruning_end_epoch": 0.2,
     "use_cpu": True,
 }  # fmt: skip
-
-
-class StopAt(TrainerCallback):
-    """Ends training after optimizer step `step`, as a killed process would (the checkpoints stay)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
 
 
 def _truncate(path, keep=0.5):
@@ -67,12 +57,8 @@ def interrupted(tmp_path, tiny_model, digits, make_config):
     """An uninterrupted run, the output folder of the same run stopped at step 10 (whole checkpoints at steps 5
     and 10), and the dense model both started from."""
     dense = copy.deepcopy(tiny_model)
-    straight = CEAGTrainer(copy.deepcopy(dense), make_config(**COMMON), train_dataset=digits["train"])
-    straight.train()
     folder = str(tmp_path / "resumable")
-    config = make_config(output_dir=folder, save_strategy="steps", save_steps=5, **COMMON)
-    first = CEAGTrainer(copy.deepcopy(dense), config, train_dataset=digits["train"], callbacks=[StopAt(10)])
-    first.train()
+    straight, first = straight_and_stopped(dense, make_config, digits["train"], folder, 10, 5, **COMMON)
     assert first.state.global_step == 10
     assert sorted(p for p in os.listdir(folder) if p.startswith("checkpoint")) == ["checkpoint-10", "checkpoint-5"]
     return straight, folder, dense

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from interruptions import straight_and_stopped
 
 from hf_ceag import CEAGTrainer, DenseReference
 from hf_ceag.constraints.held_out import HeldOutRows
@@ -135,14 +135,6 @@ def test_held_out_duals_are_ignored_by_nft_which_trains_on_every_row(tiny_model,
         make_config(constraint_split=1.0)
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        control.should_training_stop = state.global_step == self.step
-
-
 def test_held_out_duals_resume_exactly(tmp_path, tiny_model, digits, make_config):
     """The held-out draws are numbered by optimizer step and micro-batch, and the held-out reference is saved
     with the constrained state: a resumed run ends exactly where an uninterrupted one does (on the CPU)."""
@@ -151,11 +143,8 @@ def test_held_out_duals_resume_exactly(tmp_path, tiny_model, digits, make_config
         "mitigation": "ceag", "constraint_split": 0.25, "dual_lr": 0.5, "tolerance": 0.0, "max_steps": 10,
         "pruning_end_epoch": 0.1, "gradient_accumulation_steps": 2, "use_cpu": True,
     }  # fmt: skip
-    straight = CEAGTrainer(copy.deepcopy(dense), make_config(**common), train_dataset=digits["train"])
-    straight.train()
     folder = str(tmp_path / "resumable")
-    config = make_config(output_dir=folder, save_strategy="steps", save_steps=6, **common)
-    CEAGTrainer(copy.deepcopy(dense), config, train_dataset=digits["train"], callbacks=[StopAt(6)]).train()
+    straight, _ = straight_and_stopped(dense, make_config, digits["train"], folder, stop=6, save_steps=6, **common)
     resumed = CEAGTrainer(
         copy.deepcopy(dense), make_config(output_dir=folder, **common), train_dataset=digits["train"]
     )

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from interruptions import straight_and_stopped
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -221,15 +222,6 @@ def test_a_skipped_step_leaves_the_multipliers_and_nupi_state_as_before(
     assert dual_state_tensors(trainer.dual_optimizer)[0].abs().sum() > 0
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def dual_state(trainer):
     optimizer = trainer.dual_optimizer
     return [dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]]
@@ -244,13 +236,8 @@ def test_resume_continues_exactly_and_refuses_a_checkpoint_without_constrained_s
         "mitigation": "ceag", "dual_lr": 0.5, "tolerance": 0.0, "max_steps": 16, "pruning_end_epoch": 0.2,
         "use_cpu": True, **dual,
     }  # fmt: skip
-    straight = CEAGTrainer(copy.deepcopy(dense), make_config(**common), train_dataset=digits["train"])
-    straight.train()
-
     folder = str(tmp_path / "resumable")
-    config = make_config(output_dir=folder, save_strategy="steps", save_steps=10, **common)
-    first = CEAGTrainer(copy.deepcopy(dense), config, train_dataset=digits["train"], callbacks=[StopAt(10)])
-    first.train()
+    straight, first = straight_and_stopped(dense, make_config, digits["train"], folder, 10, 10, **common)
     assert first.state.global_step == 10 and first.problem.multipliers_tensor().sum() > 0
     checkpoint = os.path.join(folder, "checkpoint-10")
     assert os.path.isfile(os.path.join(checkpoint, "ceag_state.safetensors"))
