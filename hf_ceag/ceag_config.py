@@ -134,6 +134,20 @@ class CEAGConfig(TrainingArguments):
             "continues after it."
         },
     )
+    pruning_start_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer step at which the pruning schedule starts; replaces pruning_start_epoch (a stream, "
+            "which has no epochs, starts at step 0 by default)."
+        },
+    )
+    pruning_end_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer step at which target_sparsity is reached; replaces pruning_end_epoch (a stream's "
+            "default: half of max_steps)."
+        },
+    )
     pruning_frequency: int = field(
         default=10, metadata={"help": "Recompute the pruning masks every this many optimizer steps."}
     )
@@ -152,6 +166,13 @@ class CEAGConfig(TrainingArguments):
         metadata={
             "help": "Dataset column(s) holding the protected groups (ints or strings); several make "
             "intersectional groups."
+        },
+    )
+    group_names: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The protected groups, declared (a stream's, if its group columns are not ClassLabels); with "
+            "several columns, 'a & b'. A row of another group is refused."
         },
     )
     max_accuracy_drop: float = field(
@@ -253,6 +274,7 @@ class CEAGConfig(TrainingArguments):
                 f"pruning_end_epoch={self.pruning_end_epoch} is before pruning_start_epoch="
                 f"{self.pruning_start_epoch}."
             )
+        self._validate_step_schedule()
         end = self.resolved_pruning_end_epoch
         constrained_phase = self.mitigation != "none" and not self.mitigate_during_pruning
         if constrained_phase and self.max_steps <= 0 and end >= self.num_train_epochs:
@@ -268,6 +290,25 @@ class CEAGConfig(TrainingArguments):
             raise ValueError(
                 f"group_columns={self.group_columns!r}: give one or more column names, e.g. ['group']."
             )
+
+    def _validate_step_schedule(self) -> None:
+        for name in ("pruning_start_step", "pruning_end_step"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (an optimizer step), or None.")
+            epoch = name.replace("_step", "_epoch")
+            if value is not None and getattr(self, epoch) not in (None, 0.0):
+                raise ValueError(
+                    f"{name}={value} and {epoch}={getattr(self, epoch)} both set: give the pruning schedule in "
+                    "steps or in epochs, not both."
+                )
+        start, end = self.pruning_start_step or 0, self.pruning_end_step
+        if end is not None and end < start:
+            raise ValueError(f"pruning_end_step={end} is before pruning_start_step={start}.")
+        if isinstance(self.group_names, str):
+            self.group_names = [self.group_names]
+        if self.group_names is not None and not self.group_names:
+            self.group_names = None
 
     def _validate_dual_optimizer(self) -> None:
         if self.dual_optimizer not in DUAL_OPTIMIZERS:

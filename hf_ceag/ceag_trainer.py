@@ -46,10 +46,11 @@ from .constraints.state import ConstrainedState
 from .constraints.step import ConstrainedStep, DualStepUndo
 from .data.batch_sizes import check_batch_norm_batches
 from .data.batches import ColumnBatches, ColumnCollator, GroupIdCollator, check_collated_batch
-from .data.encoding import LABEL_COLUMNS, check_trainer_inputs, encode_split
+from .data.encoding import LABEL_COLUMNS, check_trainer_inputs
 from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
-from .data.prepared import PreparedData
+from .data.prepared import PreparedData, named_splits
+from .data.streaming import first_rows, is_streamed
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.cpu_bf16 import protect_for_cpu_bf16
 from .models.rgb_input import narrow_for_grayscale_data
@@ -63,9 +64,10 @@ __all__ = ["CEAGTrainer", "NonFiniteGuard"]
 class CEAGTrainer(Trainer):
     """Drop-in replacement for `transformers.Trainer` that prunes and fine-tunes under group constraints.
 
-    Takes every `Trainer` argument; `args` must be a `CEAGConfig`, and `train_dataset` a `datasets.Dataset`
-    with the columns named in `args.group_columns`. Pass `dense_reference` to reuse dense statistics computed
-    earlier (they must describe the same training groups).
+    Takes every `Trainer` argument; `args` must be a `CEAGConfig`, and `train_dataset` a `datasets.Dataset` (or a
+    stream, `datasets.IterableDataset`, with `max_steps`: `data.streaming`) with the columns named in
+    `args.group_columns`. Pass `dense_reference` to reuse dense statistics computed earlier (they must describe the
+    same training groups).
     """
 
     # While training, compute_loss normalises by the whole optimizer step's batch (all micro-batches and
@@ -90,7 +92,7 @@ class CEAGTrainer(Trainer):
             train_dataset=self.data.train, eval_dataset=self.data.eval, processing_class=self.data.processing_class
         )
         super().__init__(**params)
-        check_batch_norm_batches(self.model, len(self.train_dataset), self.args)  # no batch of one row
+        check_batch_norm_batches(self.model, self.data.train_rows, self.args)  # no batch of one row (a stream: later)
         sampled = config.train_sampling_strategy in ("random", "sequential")
         # the default collator fetches batches as columns; a user's gets the group ids carried around it
         columns = self.data_collator is default_data_collator and sampled
@@ -169,6 +171,8 @@ class CEAGTrainer(Trainer):
         self, dataset: datasets.Dataset, description: str | None = None
     ) -> datasets.Dataset:
         # A dataset transform reads raw columns (e.g. `image`): drop unused columns from its output instead.
+        if is_streamed(dataset):  # the Trainer drops a stream's unused columns in the collator
+            return dataset
         self._set_signature_columns_if_needed()
         kept = self.args.remove_unused_columns and keep_columns_after_transform(dataset, self._signature_columns)
         dataset = kept or super()._remove_unused_columns(dataset, description)
@@ -176,21 +180,18 @@ class CEAGTrainer(Trainer):
         return ColumnBatches(dataset) if isinstance(self.data_collator, ColumnCollator) else dataset
 
     def _eval_splits(self) -> dict[str, datasets.Dataset]:
-        if self.eval_dataset is None:
-            return {}
-        if isinstance(self.eval_dataset, dict):
-            return dict(self.eval_dataset)
-        return {"eval": self.eval_dataset}
+        return named_splits(self.eval_dataset)
 
     # ---- set-up before the first step ----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
         """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
         the pruning schedule, then run `Trainer.train`."""
-        self.pruning.resolve(len(self.train_dataset))
-        check_collated_batch(
-            self._remove_unused_columns(self.train_dataset, "training"), self.data_collator, LABEL_COLUMNS
-        )  # a collator or transform that drops labels or group ids fails now, not after the dense pass
+        self.pruning.resolve(self.data.train_rows)
+        streamed, collator = is_streamed(self.train_dataset), self.data_collator
+        collator = self._get_collator_with_removed_columns(collator, "training") if streamed else collator
+        rows = first_rows(self._remove_unused_columns(self.train_dataset, "training"), 2)
+        check_collated_batch(rows, collator, LABEL_COLUMNS)  # a collator or transform dropping labels or group ids
         # the newest complete checkpoint for True (incomplete ones passed over, with a warning); a given one whole
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir, self.args.save_only_model)
         saved = ConstrainedState.load(checkpoint) if checkpoint else None
@@ -371,8 +372,7 @@ class CEAGTrainer(Trainer):
         target = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(target, dict):  # Trainer.evaluate calls back once per named split
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if isinstance(eval_dataset, datasets.Dataset) and GROUP_ID_COLUMN not in eval_dataset.column_names:
-            eval_dataset = encode_split(self.group_index, eval_dataset, "evaluate")
+        eval_dataset = self.data.encoded(eval_dataset, "evaluate")
         self._evaluating_split = (
             eval_dataset if isinstance(eval_dataset, str) else "eval" if eval_dataset is None else ""
         )

@@ -26,7 +26,8 @@ def predict_every_row(
     model = trainer.model
     was_training = model.training
     model.eval()
-    logits, labels, non_finite = [], [], []
+    logits, labels, non_finite, group_ids = [], [], [], []
+    streamed = isinstance(dataset, datasets.IterableDataset)  # its group ids come with the rows, as they are read
     progress = not trainer.args.disable_tqdm and trainer.is_local_process_zero()
     not_inputs = (*LABEL_COLUMNS, GROUP_ID_COLUMN, *trainer.args.group_columns)
     for batch in tqdm(every_row_dataloader(trainer, dataset), desc=prefix, disable=not progress, leave=False):
@@ -36,16 +37,22 @@ def predict_every_row(
         with trainer.accelerator.autocast():
             outputs = model(**inputs)
         batch_logits = classifier_logits(outputs, model).float()
-        batch_logits, target, bad = trainer.accelerator.gather_for_metrics(
-            (batch_logits, target, non_finite_rows(inputs, batch_logits))
-        )
+        gathered = (batch_logits, target, non_finite_rows(inputs, batch_logits))
+        gathered += (batch[GROUP_ID_COLUMN],) if streamed else ()
+        batch_logits, target, bad, *groups = trainer.accelerator.gather_for_metrics(gathered)
         logits.append(batch_logits.cpu())
         labels.append(target.cpu())
         non_finite.append(bad)
+        group_ids.extend(g.cpu() for g in groups)
     model.train(was_training)
     split = prefix.partition("_")[2] or prefix  # "dense_train": the train split
+    if not logits:
+        raise ValueError(f"The {split} split gave no rows: pass a dataset (or stream) that holds some.")
     check_finite_rows(torch.cat(non_finite), split, getattr(model, "main_input_name", "pixel_values"))
-    groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
+    if streamed:
+        groups = torch.cat(group_ids).long()
+    else:
+        groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
     return torch.cat(logits), torch.cat(labels).long(), groups
 
 

@@ -10,6 +10,9 @@ import torch
 from transformers import EvalPrediction
 
 from ..constraints.reference import DenseReference, check_dense_model_is_trained
+from ..data.batch_sizes import check_batch_norm_batches
+from ..data.encoding import check_label_values, warn_small_groups
+from ..data.prepared import count_declared_groups
 from .model_card import run_model_card, violation_warning, write_model_folder_extras
 from .predictions import predict_every_row
 from .report import group_metrics, run_report, save_report, split_report
@@ -24,12 +27,26 @@ def record_dense_model(trainer) -> tuple[dict[str, torch.Tensor], dict[str, Dens
     correct, references = {}, {}
     for name, dataset in trainer._audited_splits().items():
         logits, labels, groups = predict_every_row(trainer, dataset, f"dense_{name}")
+        check_label_values(labels, trainer.model, name)
         correct[name] = logits.argmax(-1) == labels
+        if name == "train" and trainer.data.train_rows is None:  # a stream, counted now that it has been read
+            counted_stream(trainer, groups)
         if name in ("train", "constraint"):
             references[name] = DenseReference.from_predictions(logits, labels, groups, names)
         if name == "train":
             check_dense_model_is_trained(references[name].accuracy, labels, trainer.args.allow_weak_dense_model)
     return correct, references
+
+
+def counted_stream(trainer, groups: torch.Tensor) -> None:
+    """After the dense pass over a training stream: its groups' row counts (a declared group without a row is
+    refused), the small-group warning, and the batch-of-one check that a map-style set gets when it is built."""
+    index, args = trainer.group_index, trainer.args
+    count_declared_groups(index, None, torch.bincount(groups, minlength=index.num_groups).tolist())
+    if args.mitigation != "none":
+        warn_small_groups(index, args.buffer_size)
+    if args.world_size == 1:  # several processes: accelerate dispatches a stream's batches otherwise
+        check_batch_norm_batches(trainer.model, groups.numel(), args)
 
 
 def eval_group_metrics(prediction: EvalPrediction, user_metrics, dense_correct, group_index, tolerance: float):

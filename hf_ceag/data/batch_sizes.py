@@ -53,11 +53,12 @@ def _reaches_last_batch(args, num_rows: int) -> bool:
     return total >= updates_per_epoch
 
 
-def check_batch_norm_batches(model: nn.Module, num_rows: int, args) -> None:
+def check_batch_norm_batches(model: nn.Module, num_rows: int | None, args) -> None:
     """Refuse (`ValueError`, saying what to change) a run whose training batches would hold a single row on
-    some process while the model has BatchNorm layers: `args` is the run's `TrainingArguments`."""
+    some process while the model has BatchNorm layers: `args` is the run's `TrainingArguments`; `num_rows` None (a
+    stream's rows, not yet counted) checks nothing."""
     layers = batch_norm_layers(model)
-    if not layers or num_rows == 0:
+    if not layers or not num_rows:
         return
     config = args.accelerator_config
     size, processes = args.train_batch_size, args.world_size

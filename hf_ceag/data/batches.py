@@ -111,19 +111,15 @@ class GroupIdCollator:
         return batch
 
 
-def check_collated_batch(rows: Any, collator, label_columns: tuple[str, ...]) -> None:
-    """Collate two training rows (`rows`: the dataset as the training dataloader reads it) as the training
-    dataloader will, and refuse, before any long work, a batch without labels or group ids. The random number
-    generators are left as they were (a random augmentation draws from them)."""
-    import random
-
+def check_collated_batch(rows: list[dict], collator, label_columns: tuple[str, ...]) -> None:
+    """Collate the first training rows (`rows`, as the training dataloader reads them) as the training dataloader
+    will, and refuse, before any long work, a batch without labels or group ids. The random number generators
+    are left as they were (a random collator draws from them)."""
     from .groups import GROUP_ID_COLUMN
+    from .streaming import random_states_kept
 
-    states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        batch = collator([rows[i] for i in range(min(2, len(rows)))])
-    random.setstate(states[0])
-    np.random.set_state(states[1])
+    with random_states_kept():
+        batch = collator(list(rows))
     keys = list(batch.keys()) if hasattr(batch, "keys") else type(batch).__name__
     if not any(k in batch for k in label_columns):
         raise ValueError(

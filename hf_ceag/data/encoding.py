@@ -14,18 +14,51 @@ LABEL_COLUMNS = ("label", "labels")
 
 
 def check_trainer_inputs(config, model, train_dataset, config_class: type) -> None:
-    """Refuse, before anything else, a `CEAGTrainer` without a `CEAGConfig`, a model or a `datasets.Dataset` to
-    train on; then the training labels (`check_labels`)."""
+    """Refuse, before anything else, a `CEAGTrainer` without a `CEAGConfig`, a model or a `datasets.Dataset` (or
+    `datasets.IterableDataset`) to train on; then the training labels (`check_labels`), or what a stream needs
+    (`check_stream_run`)."""
     if not isinstance(config, config_class):
         raise TypeError(f"CEAGTrainer: args must be a {config_class.__name__}, got {type(config).__name__}.")
     if model is None:
         raise ValueError("CEAGTrainer: pass the dense model as `model` (model_init is not supported).")
+    if isinstance(train_dataset, datasets.IterableDataset):
+        check_stream_run(config)
+        return
     if not isinstance(train_dataset, datasets.Dataset):
         raise TypeError(
-            "CEAGTrainer: train_dataset must be a datasets.Dataset holding the group column(s) "
-            f"{config.group_columns}; got {type(train_dataset).__name__}."
+            "CEAGTrainer: train_dataset must be a datasets.Dataset (or a streamed datasets.IterableDataset) holding "
+            f"the group column(s) {config.group_columns}; got {type(train_dataset).__name__}."
         )
     check_labels(train_dataset, model, "train")
+
+
+def check_stream_run(config) -> None:
+    """Refuse, before any row is read, a run on a stream that needs a length or a whole table: no `max_steps`,
+    a pruning schedule in epochs, held-out duals or FairGRAPE."""
+    fix = "or pass a map-style datasets.Dataset (load_dataset without streaming=True)"
+    if config.max_steps <= 0:
+        raise ValueError(
+            "CEAGTrainer: train_dataset is a stream (datasets.IterableDataset), which has no length, so the run "
+            "cannot know when an epoch ends: set max_steps (CEAGConfig(max_steps=...), --max_steps N), the number "
+            "of optimizer steps to train; the pruning schedule is then in steps too (pruning_end_step)."
+        )
+    epochs = [f for f in ("pruning_start_epoch", "pruning_end_epoch") if getattr(config, f) not in (None, 0.0)]
+    if epochs:
+        raise ValueError(
+            f"{', '.join(f'{f}={getattr(config, f)}' for f in epochs)}: a stream has no length, so a schedule in "
+            "epochs cannot be resolved. Give it in optimizer steps: pruning_start_step and pruning_end_step "
+            f"(--pruning_end_step N; default: half of max_steps), {fix}."
+        )
+    if config.constraint_split > 0 and config.mitigation != "none":
+        raise ValueError(
+            f"constraint_split={config.constraint_split}: holding training rows out for the dual step needs the "
+            f"whole table, which a stream does not give. Set constraint_split=0, {fix}."
+        )
+    if config.pruning_method == "fairgrape":
+        raise ValueError(
+            "pruning_method='fairgrape' is not supported on a stream (its rounds are placed in epochs and score "
+            f"calibration batches of a table). Use pruning_method='magnitude', {fix}."
+        )
 
 
 def split_for_held_out_duals(train: datasets.Dataset, config) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -50,20 +83,6 @@ def encode_split(index: GroupIndex, dataset: datasets.Dataset, split: str) -> da
     return encoded.remove_columns(raw) if raw else encoded
 
 
-def encode_eval(index: GroupIndex, eval_dataset, model) -> datasets.Dataset | dict[str, datasets.Dataset] | None:
-    """`encode_split` for one eval dataset or a dict of named ones, each checked like the training data."""
-    if eval_dataset is None:
-        return None
-    named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-    encoded = {}
-    for name, dataset in named.items():
-        if not isinstance(dataset, datasets.Dataset):
-            raise TypeError(f"eval_dataset {name!r} must be a datasets.Dataset with the group column(s).")
-        check_labels(dataset, model, name)
-        encoded[name] = encode_split(index, dataset, name)
-    return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
-
-
 def check_labels(dataset: datasets.Dataset, model, split: str) -> None:
     """Refuse, before any training, a split without a label column, with labels of the wrong type, or with labels
     outside the model's classes."""
@@ -74,10 +93,14 @@ def check_labels(dataset: datasets.Dataset, model, split: str) -> None:
             f"{dataset.column_names}. Rename yours, e.g. dataset.rename_column('<yours>', 'label')."
         )
     check_label_column(dataset, column, split)
+    check_label_values(torch.as_tensor(dataset.with_format(None)[column]), model, split, column)
+
+
+def check_label_values(values: torch.Tensor, model, split: str, column: str = "label") -> None:
+    """Refuse labels outside the model's classes (a stream's, once its dense pass has read them)."""
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if num_labels is None:
         return
-    values = torch.as_tensor(dataset.with_format(None)[column])
     if values.numel() and (values.min() < 0 or values.max() >= num_labels):
         bad = values[(values < 0) | (values >= num_labels)].unique().tolist()[:10]
         raise ValueError(

@@ -7,6 +7,7 @@ and groups it holds that training lacks get ids after the training groups (they 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -61,7 +62,7 @@ def _column_values(dataset: datasets.Dataset, column: str) -> list:
 
 
 def _value_name(feature, value) -> str:
-    if isinstance(feature, datasets.ClassLabel):
+    if isinstance(feature, datasets.ClassLabel) and 0 <= int(value) < feature.num_classes:
         return feature.int2str(int(value))
     return str(value)
 
@@ -89,13 +90,15 @@ def check_group_columns(dataset: datasets.Dataset, columns: Sequence[str], split
 class GroupIndex:
     """The groups of a training set: their keys (raw column values), names and training counts.
 
-    Group id `i` stands for `keys[i]`, a tuple with one value per column in `columns`.
+    Group id `i` stands for `keys[i]`, a tuple with one value per column in `columns`. A `declared` index (the
+    groups named before the data is read: `declared`) refuses a row of any other group instead of adding it.
     """
 
     columns: tuple[str, ...]
     keys: list[tuple] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     train_counts: list[int] = field(default_factory=list)
+    declared: bool = False
 
     def __post_init__(self) -> None:
         self.columns = tuple(self.columns)
@@ -127,6 +130,51 @@ class GroupIndex:
         names = [" & ".join(_value_name(f, v) for f, v in zip(features, key)) for key in keys]
         return cls(columns=tuple(columns), keys=keys, names=names, train_counts=[counts[k] for k in keys])
 
+    @classmethod
+    def declared_groups(cls, features, columns: Sequence[str], group_names: Sequence[str] | None) -> GroupIndex:
+        """The groups declared before the data is read (a stream): `group_names` in the order given (with several
+        columns, names joined by " & "), else every combination of the group columns' `ClassLabel` names, in
+        id order. Training counts are 0 until the data has been read. Refuses data whose groups are not
+        declared either way."""
+        columns = tuple(columns)
+        if group_names:
+            if len(set(group_names)) != len(group_names):
+                raise ValueError(f"group_names={list(group_names)} names a group twice: give each group once.")
+            keys = [tuple(name.split(" & ")) for name in group_names]
+            return cls(columns, keys, list(group_names), [0] * len(keys), declared=True)
+        labels = [(features or {}).get(c) for c in columns]
+        if not all(isinstance(f, datasets.ClassLabel) for f in labels):
+            plain = [c for c, f in zip(columns, labels) if not isinstance(f, datasets.ClassLabel)]
+            raise ValueError(
+                f"group_columns: {plain} of the streamed dataset are not ClassLabel features (or its features are "
+                "unknown: a `map` forgets them unless given `features=`), so its groups cannot be known before the "
+                "stream is read. Declare them: CEAGConfig(group_names=[...]) (--group_names a b ...), or give the "
+                "column a ClassLabel, e.g. dataset.cast_column('group', datasets.ClassLabel(names=[...]))."
+            )
+        keys = list(itertools.product(*(range(f.num_classes) for f in labels)))
+        names = [" & ".join(f.int2str(v) for f, v in zip(labels, key)) for key in keys]
+        return cls(columns, keys, names, [0] * len(keys), declared=True)
+
+    def group_id(self, row: tuple, features: Sequence, split: str) -> int:
+        """The id of the group of `row` (one value per column; `features` the columns' features or None), matched
+        by value, else by name; a group this index lacks is added (unconstrained) unless the index is
+        `declared`, which refuses it naming the value."""
+        if row in self._id_of:
+            return self._id_of[row]
+        name = " & ".join(_value_name(f, v) for f, v in zip(features, row))
+        if name not in self._id_of_name:
+            if self.declared:
+                raise ValueError(
+                    f"The {split} data holds group {name!r} (columns {list(self.columns)}), which is not one of the "
+                    f"declared groups {self.names}: add it to group_names (--group_names), or to the group "
+                    "column's ClassLabel names, or drop those rows (dataset.filter(...))."
+                )
+            self._id_of_name[name] = len(self.keys)
+            self.keys.append(row)
+            self.names.append(name)
+        self._id_of[row] = self._id_of_name[name]
+        return self._id_of[row]
+
     def encode(self, dataset: datasets.Dataset, split: str = "eval") -> datasets.Dataset:
         """Return `dataset` with a `GROUP_ID_COLUMN` column of group ids (transform and format kept).
 
@@ -137,17 +185,9 @@ class GroupIndex:
         check_group_columns(dataset, self.columns, split)
         rows = zip(*(_column_values(dataset, c) for c in self.columns))
         features = [dataset.features[c] for c in self.columns]
-        ids, unseen = [], []
-        for row in rows:
-            if row not in self._id_of:
-                name = " & ".join(_value_name(f, v) for f, v in zip(features, row))
-                if name not in self._id_of_name:
-                    self._id_of_name[name] = len(self.keys)
-                    self.keys.append(row)
-                    self.names.append(name)
-                    unseen.append(name)
-                self._id_of[row] = self._id_of_name[name]
-            ids.append(self._id_of[row])
+        known = len(self.keys)
+        ids = [self.group_id(row, features, split) for row in rows]
+        unseen = self.names[known:]
         if unseen:
             warnings.warn(
                 f"Group(s) {unseen} appear in the {split} data but not in the training data: "
@@ -176,6 +216,7 @@ class GroupIndex:
             "keys": [list(k) for k in self.keys],
             "names": list(self.names),
             "train_counts": list(self.train_counts),
+            "declared": self.declared,
         }
 
     @classmethod
@@ -186,6 +227,7 @@ class GroupIndex:
             keys=[tuple(k) for k in data["keys"]],
             names=list(data["names"]),
             train_counts=list(data["train_counts"]),
+            declared=bool(data.get("declared", False)),
         )
 
     def to_json(self) -> str:

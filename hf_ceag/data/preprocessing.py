@@ -57,14 +57,14 @@ def transform_is_random(dataset: datasets.Dataset, rows: int = 4) -> bool:
         first, second = dataset[indices], dataset[indices]
     random.setstate(states[0])
     np.random.set_state(states[1])
-    return not _same(first, second)
+    return not same_values(first, second)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_values(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
     if isinstance(a, (torch.Tensor, np.ndarray)):
         a, b = torch.as_tensor(a), torch.as_tensor(b)
         return a.shape == b.shape and torch.equal(a, b)

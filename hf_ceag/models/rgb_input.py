@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any
 
+import datasets
 import torch
 from torch import nn
 
@@ -154,8 +155,9 @@ def narrow_for_grayscale_data(model: nn.Module, dataset: Any) -> nn.Module:
     if not isinstance(getattr(getattr(model, "config", None), RGB_INPUT_KEY, None), dict) or dataset is None:
         return model
     try:
-        pixel_values = dataset[0]["pixel_values"]
-    except (KeyError, IndexError, TypeError):
+        row = next(iter(dataset.take(1))) if isinstance(dataset, datasets.IterableDataset) else dataset[0]
+        pixel_values = row["pixel_values"]
+    except (KeyError, IndexError, TypeError, StopIteration):
         return model
     if torch.as_tensor(pixel_values).ndim == 3 and torch.as_tensor(pixel_values).shape[0] == 1:
         narrow_to_grayscale(model)

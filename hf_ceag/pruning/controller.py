@@ -55,27 +55,39 @@ class PruningController(TrainerCallback):
         self.schedule: CubicSchedule | None = None
         self.seconds = 0.0
 
-    def resolve(self, train_rows: int) -> CubicSchedule:
-        """The schedule in optimizer steps, for a training set of `train_rows` rows; refuses one that ends after
-        training, or a mitigation that would never be on (a constrained run that is NFT under another name)."""
+    def resolve(self, train_rows: int | None) -> CubicSchedule:
+        """The schedule in optimizer steps, for a training set of `train_rows` rows (None: a stream, whose schedule
+        is in steps: `pruning_start_step`, default 0, and `pruning_end_step`, default half of `max_steps`); refuses
+        one that ends after training, or a mitigation that would never be on (a constrained run that is NFT under
+        another name)."""
         args = self.args
-        batch = args.per_device_train_batch_size * max(args.world_size, 1)
-        batches = train_rows // batch if args.dataloader_drop_last else math.ceil(train_rows / batch)
-        steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-        start = round(args.pruning_start_epoch * steps_per_epoch)
-        end = round(args.resolved_pruning_end_epoch * steps_per_epoch)
+        if train_rows is None:
+            steps_per_epoch, total = None, args.max_steps
+            start = args.pruning_start_step or 0
+            end = args.pruning_end_step if args.pruning_end_step is not None else max(start, total // 2)
+        else:
+            batch = args.per_device_train_batch_size * max(args.world_size, 1)
+            batches = train_rows // batch if args.dataloader_drop_last else math.ceil(train_rows / batch)
+            steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+            total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+            start = round(args.pruning_start_epoch * steps_per_epoch)
+            end = round(args.resolved_pruning_end_epoch * steps_per_epoch)
+            start = start if args.pruning_start_step is None else args.pruning_start_step
+            end = end if args.pruning_end_step is None else args.pruning_end_step
+        in_steps = steps_per_epoch is None or args.pruning_end_step is not None
+        name = "pruning_end_step" if in_steps else "pruning_end_epoch"
+        label = f"pruning_end_step={end}" if in_steps else f"pruning_end_epoch={args.resolved_pruning_end_epoch:g}"
+        label += "" if in_steps else f" ({end} steps)"
+        per_epoch = f", {steps_per_epoch} per epoch" if steps_per_epoch else ""
         if end > total:
             raise ValueError(
-                f"pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} steps) is after the end of training "
-                f"({total} steps, {steps_per_epoch} per epoch): lower pruning_end_epoch or train longer."
+                f"{label} is after the end of training ({total} steps{per_epoch}): lower {name} or train longer."
             )
         if args.mitigation != "none" and not args.mitigate_during_pruning and end >= total:
             raise ValueError(
-                f"mitigation={args.mitigation!r} with pruning_end_epoch={args.resolved_pruning_end_epoch:g} ({end} "
-                f"steps) at the end of training ({total} steps): the constraints would never be on, and the run "
-                "would be NFT under another name. Lower pruning_end_epoch, train longer, or set "
-                "mitigate_during_pruning=True."
+                f"mitigation={args.mitigation!r} with {label} at the end of training ({total} steps): the "
+                f"constraints would never be on, and the run would be NFT under another name. Lower {name}, train "
+                "longer, or set mitigate_during_pruning=True."
             )
         self.schedule = CubicSchedule(
             args.initial_sparsity, args.target_sparsity, start, end, args.pruning_frequency
