@@ -22,7 +22,7 @@ from .encoding import (
 )  # fmt: skip
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .preprocessing import audit_transform, known_image_processor, with_transform_of
-from .streaming import column_names, encode_stream, is_streamed, stream_audit_note
+from .streaming import check_streamed_split, column_names, encode_stream, is_streamed, stream_audit_note
 
 
 @dataclass
@@ -49,6 +49,8 @@ class PreparedData:
         stream, by its `ClassLabel` features), encode every split, and split off the held-out rows; refuses, before
         any training, the mistakes each step can find."""
         streamed = is_streamed(train_dataset)
+        if streamed:  # a missing column is named before the groups are looked for in it
+            check_streamed_split(train_dataset, tuple(config.group_columns), "train")
         if streamed or config.group_names:
             index = GroupIndex.declared_groups(train_dataset.features, config.group_columns, config.group_names)
         else:

@@ -22,6 +22,9 @@ from .groups import GROUP_ID_COLUMN, GroupIndex
 from .preprocessing import same_values
 
 
+MAP_BATCH = 64  # rows per call of the map that adds group ids
+
+
 def is_streamed(dataset: Any) -> bool:
     """Whether `dataset` is a `datasets.IterableDataset` (no length, no indexing)."""
     return isinstance(dataset, datasets.IterableDataset)
@@ -96,7 +99,10 @@ def encode_stream(index: GroupIndex, dataset: datasets.IterableDataset, split: s
     # the torch formatter re-making each tensor the map passes through (slow, and a warning per column)
     formatting = getattr(getattr(dataset, "_formatting", None), "format_type", None)
     source = dataset.with_format("numpy") if formatting == "torch" else dataset
-    encoded = source.map(add_group_ids, batched=True, remove_columns=raw, features=encoded_features)
+    # in small batches: each pulls its rows through the stream's own maps (image decoding, say) before the first
+    encoded = source.map(
+        add_group_ids, batched=True, batch_size=MAP_BATCH, remove_columns=raw, features=encoded_features
+    )
     return encoded.with_format("torch") if formatting == "torch" else encoded
 
 
