@@ -15,7 +15,7 @@ from .constraints.reference import DenseReference
 from .constraints.replay_buffer import ReplayBuffer
 from .data.face_datasets import load_cifar100, load_fairface, load_utkface
 from .data.groups import GROUP_ID_COLUMN, GroupIndex
-from .data.images import image_processor, load_digits_dataset, load_image_dataset
+from .data.images import image_processor, load_digits_dataset, load_image_dataset, load_streamed_image_dataset
 from .data.styled_digits import load_styled_digits_dataset
 from .models.cifar_resnet import register_timm_models
 from .models.classifiers import build_classifier, from_timm, load_classifier
@@ -50,6 +50,7 @@ __all__ = [
     "load_digits_dataset",
     "load_fairface",
     "load_image_dataset",
+    "load_streamed_image_dataset",
     "load_styled_digits_dataset",
     "load_utkface",
     "prunable_parameters",

@@ -249,6 +249,11 @@ def audit_models(audit: AuditArguments, script: DataArguments, config) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((AuditArguments, DataArguments))
     audit, script = parser.parse_args_into_dataclasses(args=argv)
+    if script.streaming:
+        raise ValueError(
+            "--streaming: the audit reads every row of each split (its bootstrap intervals need them all); run it "
+            "without --streaming, on the same data held whole."
+        )
     config = _DataConfig(group_columns=audit.group_columns, seed=audit.seed)
     report = audit_models(audit, script, config)
     print(format_report(report))

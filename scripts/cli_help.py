@@ -27,7 +27,10 @@ SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_ceag_he
 HELP_GROUPS: dict[str, tuple[str, str]] = {
     "data": (
         "",
-        "dataset_name data_dir group_columns image_column label_column image_size test_size digits_variant",
+        (
+            "dataset_name data_dir group_columns group_names streaming class_names image_column label_column "
+            "image_size test_size digits_variant"
+        ),
     ),
     "model and methods": (
         "",
@@ -43,7 +46,8 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "hf-ceag: pruning": (
         "",
         (
-            "target_sparsity initial_sparsity pruning_start_epoch pruning_end_epoch pruning_frequency "
+            "target_sparsity initial_sparsity pruning_start_epoch pruning_end_epoch pruning_start_step "
+            "pruning_end_step pruning_frequency "
             "pruning_scope keep_first_last_dense pruning_method fairgrape_rounds "
             "fairgrape_calibration_batches"
         ),
@@ -51,7 +55,7 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "training": (
         "TrainingArguments flags. The recipe also sets {also_set}; --help_all lists every flag.",
         (
-            "output_dir num_train_epochs learning_rate optim lr_scheduler_type "
+            "output_dir num_train_epochs max_steps learning_rate optim lr_scheduler_type "
             "per_device_train_batch_size seed bf16 logging_steps logging_nan_inf_filter push_to_hub"
         ),
     ),

@@ -43,11 +43,13 @@ from hf_ceag import (
     image_processor,
     load_digits_dataset,
     load_image_dataset,
+    load_streamed_image_dataset,
     load_styled_digits_dataset,
 )
 from hf_ceag.ceag_config import has_accelerator
+from hf_ceag.data.encoding import check_stream_run
 from hf_ceag.data.groups import check_group_columns
-from hf_ceag.data.recipes import load_recipe_data
+from hf_ceag.data.recipes import RECIPE_DATASETS, load_recipe_data
 from hf_ceag.models.classifiers import load_classifier, save_loadable
 from hf_ceag.models.cpu_bf16 import protect_for_cpu_bf16
 
@@ -95,7 +97,8 @@ RECIPE_DEFAULTS = {
 
 _METHODS = "nft ceag"
 
-# What the generic flags mean in this script, in its --help.
+# What the generic flags mean in this script, in its --help; and shorter texts for some of CEAGConfig's, so that the
+# short help fits a screen (--help_all and CEAGConfig keep the full ones).
 SCRIPT_HELP = {
     "mitigation": f"none, ceag or equalized_loss: alone, it is --methods X (default: {_METHODS}).",
     "output_dir": "Folder of the run: the dense model (dense/, reused by later runs) and one folder per method.",
@@ -108,6 +111,23 @@ SCRIPT_HELP = {
     "bf16": "Train in bfloat16 mixed precision (autocast), on a GPU or a CPU.",
     "logging_steps": "Log, and check that the loss is finite, every this many optimizer steps.",
     "push_to_hub": "Publish each pruned model (not the dense one) to --hub_model_id, unless its audit refuses it.",
+    "max_steps": "Optimizer steps of every run, dense included (> 0: replaces the epochs; --streaming needs it).",
+    "group_names": "Declared groups (a stream's, if not ClassLabels); 'a & b' for several columns.",
+    "tolerance": "ε: the largest excess accuracy gap allowed per group.",
+    "dual_lr": "Learning rate of the Lagrange multipliers; keep it small.",
+    "dual_optimizer": "'sgd': projected ascent (the paper's); 'nupi': Cooper's nuPI (gains nupi_*).",
+    "nupi_kp": "nuPI proportional gain kappa_p >= 0 (0: plain ascent).",
+    "nupi_ema_nu": "nuPI smoothing nu in [0, 1) of the violations (0: none).",
+    "surrogate_overall_gradient": "CEAG: the primal step also follows the overall-loss term.",
+    "allow_weak_dense_model": "Prune a dense model at most 5 points above chance (else refused).",
+    "constraint_split": "Held-out duals: share of training rows kept out of the primal step (0: none).",
+    "mitigate_during_pruning": "Constraints on from the first step, not once the target sparsity is reached.",
+    "max_accuracy_drop": "push_to_hub refuses a model whose accuracy fell by more than this on a split.",
+    "pruning_end_epoch": "Epoch target_sparsity is reached (unset: half the epochs).",
+    "pruning_start_step": "Step the schedule starts; replaces pruning_start_epoch.",
+    "pruning_end_step": "Step target_sparsity is reached (a stream: max_steps/2).",
+    "fairgrape_rounds": "FairGRAPE: pruning rounds.",
+    "fairgrape_calibration_batches": "FairGRAPE: batches scored per round.",
 }
 
 
@@ -118,11 +138,13 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A Hub dataset id, 'imagefolder' (with --data_dir) or a csv of image paths; None: the "
-            "embedded digits (offline)."
+            "help": "A Hub id, 'imagefolder' or 'parquet' (with --data_dir), a .parquet or a .csv of image paths; "
+            "None: the embedded digits."
         },
     )
-    data_dir: str | None = field(default=None, metadata={"help": "Folder of the data for 'imagefolder'."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of an 'imagefolder' or 'parquet' dataset."}
+    )
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     image_size: int | None = field(
@@ -136,17 +158,38 @@ class DataArguments:
     digits_variant: str = field(
         default="styled",
         metadata={
-            "help": "Embedded data: 'styled' (10,776 augmented digits, 10 %% inverted, grouped by style); "
-            "'imbalanced' and 'balanced' (8x8 digits by digit) are small, for tests.",
+            "help": "Embedded data: 'styled' (10 %% inverted digits); 'imbalanced', 'balanced': small, for tests.",
             "choices": ["styled", "balanced", "imbalanced"],
         },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read --dataset_name as a stream: nothing is downloaded or held whole; needs --max_steps; no "
+            "test split: row i is a test row if i %% k == 0, k = round(1/test_size)."
+        },
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "--streaming: class names in id order of a label column that is no ClassLabel."},
     )
 
     def __post_init__(self) -> None:
         if self.image_size is None:
             self.image_size = 16 if self.dataset_name is None else 64
-        if self.dataset_name == "imagefolder" and not self.data_dir:
-            raise ValueError("--dataset_name imagefolder needs --data_dir.")
+        if self.dataset_name in ("imagefolder", "parquet") and not self.data_dir:
+            raise ValueError(f"--dataset_name {self.dataset_name} needs --data_dir.")
+        if self.class_names and not self.streaming:
+            raise ValueError(
+                "--class_names names the classes of a streamed label column (--streaming true); without streaming, "
+                "class names are encoded from the column's values: drop --class_names."
+            )
+        if self.streaming and (self.dataset_name is None or self.dataset_name in RECIPE_DATASETS):
+            data = "the embedded digits" if self.dataset_name is None else f"the {self.dataset_name} recipe's data"
+            raise ValueError(
+                f"--streaming true: {data} are loaded whole, not streamed. Pass --dataset_name (a Hub id, "
+                "imagefolder or parquet with --data_dir, or a .parquet file), or drop --streaming."
+            )
 
 
 @dataclass
@@ -181,12 +224,25 @@ class ScriptArguments(DataArguments):
 
 
 def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.DatasetDict, int]:
-    """The train/test DatasetDict and the number of image channels (`config`: its group_columns and seed)."""
+    """The train/test DatasetDict (with --streaming, an IterableDatasetDict) and the number of image channels
+    (`config`: its group_columns, group_names and seed)."""
     if script.dataset_name is None:
         if script.digits_variant == "styled":
             return load_styled_digits_dataset(image_size=script.image_size, seed=config.seed), 1
         rare = (3, 8) if script.digits_variant == "imbalanced" else ()
         return load_digits_dataset(image_size=script.image_size, seed=config.seed, rare_groups=rare), 1
+    if script.streaming:
+        return load_streamed_image_dataset(
+            script.dataset_name,
+            config.group_columns,
+            image_column=script.image_column,
+            label_column=script.label_column,
+            data_dir=script.data_dir,
+            image_size=script.image_size,
+            test_size=script.test_size,
+            class_names=script.class_names,
+            group_names=config.group_names,
+        ), 3
     recipe = load_recipe_data(
         script.dataset_name,
         script.data_dir,
@@ -226,7 +282,10 @@ def dense_provenance(script: ScriptArguments, config: CEAGConfig) -> dict:
         "dense_epochs": script.dense_epochs,
         "dense_learning_rate": script.dense_learning_rate,
         "seed": config.seed,
-    }
+        # a stream trains the dense model for max_steps steps, with the classes named by class_names
+        **({"streaming": True, "max_steps": config.max_steps, "class_names": script.class_names}
+           if script.streaming else {}),
+    }  # fmt: skip
 
 
 def _reusable_dense(dense_dir: str, wanted: dict) -> bool:
@@ -238,7 +297,7 @@ def _reusable_dense(dense_dir: str, wanted: dict) -> bool:
         with open(record) as f:
             made = json.load(f)
     if made != wanted:
-        differ = sorted(k for k in wanted if made is None or made.get(k) != wanted[k])
+        differ = sorted(k for k in {*wanted, *(made or {})} if made is None or made.get(k) != wanted.get(k))
         raise ValueError(
             f"{dense_dir} holds a dense model made by another run (differs in: {', '.join(differ)}; see "
             f"{DENSE_RECORD}). Pass another --output_dir, or delete {dense_dir} to train a new dense model."
@@ -262,7 +321,7 @@ def dense_model(
     labels = data["train"].features["label"]
     id2label = dict(enumerate(labels.names)) if isinstance(labels, datasets.ClassLabel) else None
     num_labels = labels.num_classes if isinstance(labels, datasets.ClassLabel) else None
-    if num_labels is None:
+    if num_labels is None:  # a stream's labels are a ClassLabel (load_streamed_image_dataset)
         num_labels = int(max(data["train"].with_format(None)["label"])) + 1
     set_seed(config.seed)
     model = protect_for_cpu_bf16(
@@ -281,6 +340,7 @@ def dense_model(
         push_to_hub=False,  # --push_to_hub publishes the pruned models, not their dense parent
         hub_model_id=None,
     )
+    # a stream has no epochs: the dense model, as every run, trains for max_steps steps (check_streaming_run)
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
     start = time.time()
     trainer = Trainer(
@@ -340,9 +400,9 @@ def prune_with(
 def card_dataset_name(script: DataArguments) -> str | None:
     """The dataset as the card names it: a Hub id as given, an image folder or a csv by its own name (never a path
     of this machine); None for the embedded data, which names itself."""
-    if script.dataset_name == "imagefolder":
-        return f"imagefolder {os.path.basename(os.path.normpath(script.data_dir))}"
-    if script.dataset_name and script.dataset_name.endswith(".csv"):
+    if script.dataset_name in ("imagefolder", "parquet"):
+        return f"{script.dataset_name} {os.path.basename(os.path.normpath(script.data_dir))}"
+    if script.dataset_name and script.dataset_name.endswith((".csv", ".parquet")):
         return os.path.basename(script.dataset_name)
     return script.dataset_name
 
@@ -383,8 +443,20 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None) -> tuple[S
         if unknown:
             raise ValueError(f"{args[0]}: unknown field(s) {unknown}; `--help_all` lists the valid ones.")
         parser.set_defaults(**values)
+    _schedule_in_steps_if_asked(parser, args)
+    if values is not None:
         args = args[1:]
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+def _schedule_in_steps_if_asked(parser: HfArgumentParser, args: list[str]) -> None:
+    # The recipe's pruning_end_epoch does not apply to a schedule in steps (a stream's, or one given in steps):
+    # CEAGConfig refuses a schedule in both units, and a stream one in epochs.
+    flags = args[1:] if _config_file_values(args) is not None else args
+    known, _ = parser.parse_known_args(flags)
+    in_steps = known.streaming or known.pruning_start_step is not None or known.pruning_end_step is not None
+    if in_steps and "pruning_end_epoch" not in _given(args):
+        parser.set_defaults(pruning_end_epoch=None)
 
 
 def build_parser() -> HfArgumentParser:
@@ -458,6 +530,20 @@ def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]
     return methods
 
 
+def check_streaming_run(config: CEAGConfig, methods: list[str]) -> None:
+    """Refuse, before any data is read, a --streaming run that a stream cannot give: without --max_steps (a stream
+    has no length, so no epochs), or what `CEAGTrainer` refuses on a stream (a schedule in epochs, held-out duals,
+    FairGRAPE)."""
+    if config.max_steps <= 0:
+        raise ValueError(
+            "--streaming true needs --max_steps N: a stream has no length, so a run cannot count epochs. N is the "
+            "number of optimizer steps of the dense training and of each pruning run; the pruning schedule is in "
+            "steps too (--pruning_end_step, default N/2)."
+        )
+    for method in methods:
+        check_stream_run(method_config(config, method))
+
+
 def method_config(config: CEAGConfig, mitigation: str) -> CEAGConfig:
     """The run's config for one method. NFT has no dual step, so it trains on every training row whatever
     `--constraint_split` says (the held-out rows feed the dual step of the constrained methods only)."""
@@ -488,10 +574,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     given = _given(argv)
     methods = resolve_methods(script, config, given)
     config = _keep_global_batch(config, given)
+    if script.streaming:
+        check_streaming_run(config, methods)
     start = time.time()
-    data, channels = load_data(script, config)
-    for split, dataset in data.items():  # a misspelt or incomplete group column fails here, not after training
-        check_group_columns(dataset, config.group_columns, split)
+    data, channels = load_data(script, config)  # a stream's columns, labels and groups are checked as it loads
+    if not script.streaming:
+        for split, dataset in data.items():  # a misspelt or incomplete group column fails here, not after training
+            check_group_columns(dataset, config.group_columns, split)
     processor = image_processor(script.image_size, channels, digits=script.dataset_name is None)
     dense_dir = dense_model(script, config, data, channels, processor)
     reports = {

@@ -1,7 +1,8 @@
-"""Datasets with group columns: the embedded digits default, and user image data (Hub id, imagefolder, csv).
+"""Datasets with group columns: the embedded digits default, and user image data (Hub id, imagefolder, parquet,
+csv), held whole or streamed.
 
-Every loader returns a `DatasetDict` with `train` and `test` splits whose rows give `pixel_values`
-(a float tensor `[channels, size, size]`), `label`, and the group column(s).
+Every loader returns a `DatasetDict` (streamed: an `IterableDatasetDict`) with `train` and `test` splits whose rows
+give `pixel_values` (a float tensor `[channels, size, size]`), `label`, and the group column(s).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .groups import check_group_columns
+from .groups import GroupIndex, check_group_columns
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # approximate moments of load_digits pixels scaled to [0, 1]
 DIGITS_DATASET = "scikit-learn digits"  # `DatasetInfo.dataset_name` of `load_digits_dataset`
@@ -191,7 +192,7 @@ def load_image_dataset(
     """Load user image data with group columns and transform images on the fly to `pixel_values`.
 
     `dataset_name` is a Hub id, `imagefolder` (with `data_dir`; labels from the sub-folder names, or with
-    group columns, from its metadata.csv beside `file_name`), or a
+    group columns, from its metadata.csv beside `file_name`), `parquet` (with `data_dir`), a .parquet file, or a
     path to a csv file with an image-path column (paths relative to the csv). Without a `test` split, a
     split stratified by the first group column is made with a fixed seed.
     """
@@ -202,12 +203,8 @@ def load_image_dataset(
         root = os.path.dirname(os.path.abspath(dataset_name))
         loaded = loaded.map(lambda row: {image_column: os.path.join(root, row[image_column])})
         loaded = loaded.cast_column(image_column, datasets.Image())
-    elif dataset_name == "imagefolder":
-        if not data_dir:
-            raise ValueError("dataset_name='imagefolder' needs --data_dir pointing at the image folder.")
-        loaded = datasets.load_dataset("imagefolder", data_dir=data_dir)
     else:
-        loaded = datasets.load_dataset(dataset_name, data_dir=data_dir)
+        loaded = open_image_data(dataset_name, data_dir)
     for split in loaded.values():
         needed = [image_column, label_column, *group_columns]
         missing = [c for c in needed if c not in split.column_names]
@@ -238,6 +235,154 @@ def load_image_dataset(
     loaded = datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
     loaded.set_transform(ImageTransform(image_column, image_size, channels))
     return loaded
+
+
+STREAM_CHECKED_ROWS = 1000  # rows of a stream whose labels and groups are checked before any training
+
+
+def open_image_data(dataset_name: str, data_dir: str | None = None, streaming: bool = False):
+    """`datasets.load_dataset` of a Hub id, `imagefolder` or `parquet` (with `data_dir`), or a .parquet file (its
+    rows: the `train` split), held whole or streamed."""
+    if dataset_name in ("imagefolder", "parquet") and not data_dir:
+        raise ValueError(f"dataset_name={dataset_name!r} needs --data_dir pointing at the folder of the data.")
+    if dataset_name.endswith(".parquet"):
+        if not os.path.isfile(dataset_name):
+            raise ValueError(f"dataset_name={dataset_name!r}: no such parquet file.")
+        return datasets.load_dataset("parquet", data_files={"train": dataset_name}, streaming=streaming)
+    return datasets.load_dataset(dataset_name, data_dir=data_dir, streaming=streaming)
+
+
+def load_streamed_image_dataset(
+    dataset_name: str,
+    group_columns: Sequence[str],
+    image_column: str = "image",
+    label_column: str = "label",
+    data_dir: str | None = None,
+    image_size: int = 32,
+    channels: int = 3,
+    test_size: float = 0.2,
+    class_names: Sequence[str] | None = None,
+    group_names: Sequence[str] | None = None,
+) -> datasets.IterableDatasetDict:
+    """`load_image_dataset` as a stream (`load_dataset(..., streaming=True)`): nothing is downloaded or held whole.
+
+    `dataset_name`: a Hub id, `imagefolder` or `parquet` (with `data_dir`), or a .parquet file. Each split keeps
+    `label` and the group columns, with their features, and gets `pixel_values` lazily (`ImageTransform`, in a
+    batched `map`). The labels must be a `ClassLabel` (the model's classes are known before the stream is read),
+    or `class_names` names the classes in id order (a column of names or of ids is cast to that ClassLabel). The
+    groups are declared: the group columns' `ClassLabel` names, or `group_names` (`GroupIndex.declared_groups`).
+    The test split is the stream's `test` (else `validation`) split; without one, row i is a test row when
+    i % k == 0, k = round(1 / test_size), so that an ordered stream (an imagefolder is read class by class) has
+    every class in both splits. The first `STREAM_CHECKED_ROWS` rows of each split are read, their labels and
+    groups only, so that an unknown class or group fails here rather than during training (a later row fails
+    when it is read).
+    """
+    if dataset_name.endswith(".csv"):
+        raise ValueError(
+            f"dataset_name={dataset_name!r}: a csv of image paths is read whole; load it without streaming, or "
+            "stream an imagefolder or parquet files."
+        )
+    loaded = open_image_data(dataset_name, data_dir, streaming=True)
+    if "train" not in loaded:
+        raise ValueError(f"dataset {dataset_name!r} has no train split; its splits: {list(loaded)}.")
+    held_out = next((name for name in ("test", "validation") if name in loaded), None)
+    splits = {"train": loaded["train"], **({"test": loaded[held_out]} if held_out else {})}
+    splits = {name: _with_class_labels(split, dataset_name, image_column, label_column, group_columns, class_names)
+              for name, split in splits.items()}  # fmt: skip
+    index = GroupIndex.declared_groups(splits["train"].features, group_columns, group_names)
+    for name, split in splits.items():
+        _check_first_rows(split, index, name)
+    if held_out is None:
+        every = max(2, round(1 / test_size))
+        train = splits["train"]
+        splits = {
+            "train": train.filter(_EveryKth(every, keep=False), with_indices=True),
+            "test": train.filter(_EveryKth(every, keep=True), with_indices=True),
+        }
+    transform = ImageTransform(image_column, image_size, channels)
+    return datasets.IterableDatasetDict(
+        {name: _stream_pixel_values(split, transform) for name, split in splits.items()}
+    )
+
+
+def _with_class_labels(
+    split: datasets.IterableDataset,
+    dataset_name: str,
+    image_column: str,
+    label_column: str,
+    group_columns: Sequence[str],
+    class_names: Sequence[str] | None,
+) -> datasets.IterableDataset:
+    # the columns the run reads, the labels renamed to `label` and made a ClassLabel (or refused)
+    features = split.features
+    available = list(features or {})
+    missing = [c for c in (image_column, label_column, *group_columns) if c not in available]
+    if missing:
+        raise ValueError(
+            f"Column(s) {missing} not in the streamed dataset {dataset_name!r}; available: {available}. Set "
+            "--image_column, --label_column and --group_columns to the dataset's names."
+        )
+    split = split.select_columns([image_column, label_column, *group_columns])
+    if label_column != "label":
+        split = split.rename_column(label_column, "label")
+    if class_names:
+        return split.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    if isinstance(split.features["label"], datasets.ClassLabel):
+        return split
+    raise ValueError(
+        f"The streamed label column {label_column!r} is {split.features['label']}, not a ClassLabel, so the number "
+        "of classes is unknown before the stream is read. Name the classes in id order: --class_names a b ... "
+        f"(class_names=[...]), or give the column a ClassLabel, e.g. dataset.cast_column({label_column!r}, "
+        "datasets.ClassLabel(names=[...]))."
+    )
+
+
+def _check_first_rows(split: datasets.IterableDataset, index: GroupIndex, name: str) -> None:
+    # labels and groups only (no image is decoded): casting a label to its ClassLabel refuses an unknown class
+    columns = ["label", *index.columns]
+    features = [split.features[c] for c in index.columns]
+    try:
+        for row in split.select_columns(columns).take(STREAM_CHECKED_ROWS):
+            index.group_id(tuple(row[c] for c in index.columns), features, name)
+    except ValueError as error:
+        if "class label" not in str(error).lower():  # datasets' words for a label its ClassLabel lacks
+            raise
+        raise ValueError(
+            f"The {name} data holds a label that its classes {split.features['label'].names} do not name ({error}): "
+            "add it to --class_names (class_names=[...], in id order), or drop those rows (dataset.filter(...))."
+        ) from error
+
+
+class _EveryKth:
+    # `filter(..., with_indices=True)`: row i is kept when (i % k == 0) == keep (picklable for worker processes)
+    def __init__(self, k: int, keep: bool) -> None:
+        self.k, self.keep = k, keep
+
+    def __call__(self, _row: dict, index: int) -> bool:
+        return (index % self.k == 0) == self.keep
+
+
+def _stream_pixel_values(split: datasets.IterableDataset, transform: ImageTransform) -> datasets.IterableDataset:
+    # the images become pixel_values as rows are read; the label and group features are kept (the trainer reads
+    # a stream's groups from its features)
+    size = transform.image_size
+    features = datasets.Features({k: v for k, v in split.features.items() if k != transform.image_column})
+    features["pixel_values"] = datasets.Array3D(shape=(transform.channels, size, size), dtype="float32")
+    mapped = split.map(
+        _AsArrays(transform), batched=True, remove_columns=[transform.image_column], features=features
+    )
+    return mapped.with_format("torch")
+
+
+class _AsArrays:
+    # a stream's formatter makes each value a tensor again: given tensors, torch warns at every batch
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict) -> dict:
+        batch = self.transform(batch)
+        batch["pixel_values"] = [pixels.numpy() for pixels in batch["pixel_values"]]
+        return batch
 
 
 def image_processor(image_size: int, channels: int, digits: bool = False):
