@@ -92,7 +92,7 @@ class CEAGTrainer(Trainer):
             train_dataset=self.data.train, eval_dataset=self.data.eval, processing_class=self.data.processing_class
         )
         super().__init__(**params)
-        check_batch_norm_batches(self.model, self.data.train_rows, self.args)  # no batch of one row (a stream: later)
+        check_batch_norm_batches(self.model, self.data.train_rows, self.args)  # no batch of 1 (a stream's: later)
         sampled = config.train_sampling_strategy in ("random", "sequential")
         # the default collator fetches batches as columns; a user's gets the group ids carried around it
         columns = self.data_collator is default_data_collator and sampled

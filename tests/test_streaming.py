@@ -11,7 +11,6 @@ splits a dispatched stream's last batch evenly, so the batches averaged differ (
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,8 +107,7 @@ def test_a_stream_without_max_steps_is_refused_naming_it(digits, tiny_model, mak
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"pruning_end_step": None, "pruning_end_epoch": 0.5}, r"pruning_end_epoch=0.5: a stream has no length.*"
-         r"pruning_end_step"),
+        ({"pruning_end_step": None, "pruning_end_epoch": 0.5}, r"pruning_end_epoch=0.5: .*pruning_end_step"),
         ({"constraint_split": 0.2}, r"constraint_split=0.2: .*constraint_split=0"),
         ({"group_columns": ["skin"]}, r"\['skin'\] are not in the streamed train dataset .*'pixel_values'"),
     ],
@@ -132,9 +130,14 @@ def test_undeclared_groups_are_refused(digits, tiny_model, make_config, tmp_path
         CEAGTrainer(tiny_model, stream_config(make_config), train_dataset=digits_stream(digits, 64, PLAIN))
     table = digits["train"].cast_column("group", PLAIN)
     late = datasets.concatenate_datasets(
-        [table.filter(lambda row: row["group"] != 9).select(range(300)), table.filter(lambda row: row["group"] == 9)]
+        [
+            table.filter(lambda row: row["group"] != 9).select(range(300)),
+            table.filter(lambda row: row["group"] == 9),
+        ]
     )  # the first 300 rows (several batches of the stream's group-id map) are of the declared groups
-    config = stream_config(make_config, group_names=[str(d) for d in range(9)], save_strategy="steps", save_steps=1)
+    config = stream_config(
+        make_config, group_names=[str(d) for d in range(9)], save_strategy="steps", save_steps=1
+    )
     trainer = CEAGTrainer(tiny_model, config, train_dataset=late.to_iterable_dataset())
     with pytest.raises(ValueError, match=r"holds group '9' .*not one of the declared groups .*group_names"):
         trainer.train()

@@ -119,7 +119,9 @@ def encode_eval(index: GroupIndex, eval_dataset: Any, model) -> Any:
     return encoded if isinstance(eval_dataset, dict) else encoded["eval"]
 
 
-def count_declared_groups(index: GroupIndex, train: datasets.Dataset | None, counts: list[int] | None = None) -> None:
+def count_declared_groups(
+    index: GroupIndex, train: datasets.Dataset | None, counts: list[int] | None = None
+) -> None:
     """Set the training counts of a declared index from the encoded training rows (or from `counts`, a stream's
     dense pass); refuses a declared group without a training row: it could be neither estimated nor
     constrained."""

@@ -21,7 +21,6 @@ from .encoding import LABEL_COLUMNS
 from .groups import GROUP_ID_COLUMN, GroupIndex
 from .preprocessing import same_values
 
-
 MAP_BATCH = 64  # rows per call of the map that adds group ids
 
 
