@@ -33,7 +33,7 @@ def known_image_processor(dataset: Any):
         return transform.image_processor()
     info = getattr(dataset, "info", None)
     if getattr(info, "dataset_name", None) in (DIGITS_DATASET, STYLED_DIGITS_DATASET):
-        shape = getattr(dataset.features.get("pixel_values"), "shape", None)
+        shape = getattr((dataset.features or {}).get("pixel_values"), "shape", None)
         if shape and len(shape) == 3 and shape[0] == 1:
             return image_processor(int(shape[-1]), 1, digits=True)
     return None
