@@ -50,7 +50,7 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "default_flags": [],
         "constraint_splits": [0.1, 0.2],
         "stability_dual_lrs": [0.01, 0.1, 1.0],
-        "streaming_rows": 200_000,
+        "streaming_rows": [50_000, 200_000],
         "streaming_map_rows": [10_000, 200_000],
         "streaming_eval_rows": 2_000,
         "streaming_steps": 200,
@@ -77,7 +77,7 @@ def quick_settings(recipe: Recipe) -> dict[str, Any]:
         "calibration_batches": 2,
         "default_seeds": [0],
         "default_threads": [1],
-        "streaming_rows": 4_000,
+        "streaming_rows": [4_000],
         "streaming_map_rows": [1_000],
         "streaming_eval_rows": 500,
         "streaming_steps": 10,
@@ -178,7 +178,9 @@ def parse_settings(
         help="Only part 6 (peak memory of CEAG on a generated stream against the same rows map-style, each run "
         "in a fresh process), written into BENCHMARKS.md's part-6 block (or --output).",
     )
-    parser.add_argument("--streaming_rows", type=int, help="Rows of part 6's generated training stream.")
+    parser.add_argument(
+        "--streaming_rows", type=int, nargs="+", help="Rows of each generated training stream of part 6."
+    )
     parser.add_argument(
         "--streaming_map_rows", type=int, nargs="+", help="Rows of each map-style run of part 6 (held in memory)."
     )
@@ -206,7 +208,7 @@ def validate(settings: argparse.Namespace) -> None:
         raise ValueError("--warmup_steps, --repeats and --scaling_repeats must be >= 1.")
     if min(settings.groups + settings.fairgrape_groups) < 1:
         raise ValueError("--groups and --fairgrape_groups must be >= 1.")
-    if min(settings.streaming_rows, settings.streaming_eval_rows, *settings.streaming_map_rows) < 1:
+    if min(settings.streaming_eval_rows, *settings.streaming_rows, *settings.streaming_map_rows) < 1:
         raise ValueError("--streaming_rows, --streaming_eval_rows and --streaming_map_rows must be >= 1.")
     if settings.streaming_steps < 2:
         raise ValueError(f"--streaming_steps={settings.streaming_steps} must be >= 2 (pruning ends at half).")

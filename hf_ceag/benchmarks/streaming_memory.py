@@ -151,9 +151,10 @@ def streaming_child(kind: str, rows: int, eval_rows: int, steps: int, image_size
 
 
 def streaming_runs(script: str, settings, work: str) -> list[dict]:
-    """Each measurement in a fresh process of the benchmark `script` (`--streaming_child`): the stream of
+    """Each measurement in a fresh process of the benchmark `script` (`--streaming_child`): a stream of each of
     `settings.streaming_rows` rows, then a map-style dataset of each of `settings.streaming_map_rows`."""
-    runs = [("stream", settings.streaming_rows)] + [("map", rows) for rows in settings.streaming_map_rows]
+    runs = [("stream", rows) for rows in settings.streaming_rows]
+    runs += [("map", rows) for rows in settings.streaming_map_rows]
     measured = []
     for kind, rows in runs:
         command = [
@@ -166,16 +167,29 @@ def streaming_runs(script: str, settings, work: str) -> list[dict]:
     return measured
 
 
+def growth_per_row(runs: list[dict]) -> float | None:
+    """Bytes of peak − before per training row, between the runs (of one kind) with the fewest and the most rows;
+    None with fewer than two row counts."""
+    low, high = min(runs, key=lambda m: m["rows"]), max(runs, key=lambda m: m["rows"])
+    if low["rows"] == high["rows"]:
+        return None
+    grown = (high["peak_rss_mib"] - high["rss_before_mib"]) - (low["peak_rss_mib"] - low["rss_before_mib"])
+    return grown * 2**20 / (high["rows"] - low["rows"])
+
+
 def streaming_reading(measured: list[dict]) -> str:
-    """One line: the stream's peak against each map-style run's."""
-    stream = next(m for m in measured if m["kind"] == "stream")
+    """The largest stream's peak against each map-style run's, and how peak − before grows per row of each kind."""
+    streams = [m for m in measured if m["kind"] == "stream"]
+    stream = max(streams, key=lambda m: m["rows"])
     parts = [f"stream of {stream['rows']:,.0f} rows: peak {stream['peak_rss_mib']:.0f} MiB"]
-    for m in measured:
-        if m["kind"] == "map":
-            ratio = stream["peak_rss_mib"] / m["peak_rss_mib"]
-            parts.append(
-                f"map-style {m['rows']:,.0f}: {m['peak_rss_mib']:.0f} MiB (stream / map-style {ratio:.2f})"
-            )
+    maps = [m for m in measured if m["kind"] == "map"]
+    for m in maps:
+        ratio = stream["peak_rss_mib"] / m["peak_rss_mib"]
+        parts.append(f"map-style {m['rows']:,.0f}: {m['peak_rss_mib']:.0f} MiB (stream / map-style {ratio:.2f})")
+    for label, runs in (("stream", streams), ("map-style", maps)):
+        per_row = growth_per_row(runs) if runs else None
+        if per_row is not None:
+            parts.append(f"peak − before grows by {per_row:.0f} bytes per training row ({label})")
     return "; ".join(parts) + "."
 
 
@@ -220,7 +234,9 @@ def streaming_section(settings, argv: list[str], measured: list[dict], seconds: 
                 "they are read and writes nothing to disk; the map-style runs hold the same rows in an in-memory "
                 "Arrow table. The dense pass and the report each read the whole training set. Each run is a "
                 "fresh process; resident memory from `/proc/self/status` (VmRSS before the trainer is built, "
-                f"once the libraries, the model and, map-style, the data are loaded); {peak}."
+                f"once the libraries, the model and, map-style, the data are loaded); {peak}. What grows with the rows "
+                "on a stream: the dense pass and the report each keep every row's logits (4 bytes per class), "
+                "label, group id and input check until the pass ends, then one correctness flag per row."
             ),
             "\n".join(table),
             f"Reading: {streaming_reading(measured)}",
