@@ -47,6 +47,13 @@ from hf_ceag.benchmarks.recipe import Recipe
 from hf_ceag.benchmarks.scaling import fairgrape_cost, group_scaling, tiled_digits
 from hf_ceag.benchmarks.settings import parse_settings as _parse_settings
 from hf_ceag.benchmarks.settings import run_config
+from hf_ceag.benchmarks.streaming_memory import (
+    merge_streaming_section,
+    streaming_block,
+    streaming_child,
+    streaming_runs,
+    streaming_section,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = Recipe.from_module(run_ceag)
@@ -64,6 +71,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if settings.memory_child:
         memory_child(RECIPE, settings, extra)
         return {}
+    if settings.streaming_child:
+        kind, _, rows = settings.streaming_child.partition(":")
+        streaming_child(
+            kind, int(rows), settings.streaming_eval_rows, settings.streaming_steps, settings.image_size,
+            settings.work_dir,
+        )  # fmt: skip
+        return {}
     if settings.merge_device_section:
         with open(settings.merge_device_section) as f:
             merge_device_section(settings.output or os.path.join(REPO_ROOT, "BENCHMARKS.md"), f.read())
@@ -79,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return device_main(settings, extra, argv, output, work)
     if settings.generalisation_section:
         return generalisation_main(settings, extra, argv, output, work)
+    if settings.streaming_section:
+        return streaming_main(settings, argv, output, work)
     seconds, start = {}, time.perf_counter()
     try:
         defaults = default_runs(RECIPE, settings, extra, work, REPO_ROOT)
@@ -102,16 +118,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results = (defaults, runs, over, scaling, fairgrape, peaks)
     head = commit(REPO_ROOT)
     text = document(settings, argv, *results, seconds, line, recipe_defaults=RECIPE.defaults, commit=head)
-    if os.path.isfile(output):  # part 5 and the device sections were measured by their own commands: keep them
+    if os.path.isfile(output):
         with open(output) as f:
-            old = f.read()
-        for kept in (section_block(old), device_block(old)):
-            text += f"\n{kept}\n" if kept else ""
+            text += "".join(f"\n{kept}\n" for kept in kept_blocks(f.read()))
     _write(output, text)
     if os.path.abspath(output) == os.path.join(REPO_ROOT, "BENCHMARKS.md"):
         update_readme(os.path.join(REPO_ROOT, "README.md"), readme_results(argv, defaults, head))
     _report(text, output, line)
     return values
+
+
+def kept_blocks(text: str) -> list[str]:
+    """The blocks of a BENCHMARKS.md `text` that their own commands measured (part 5, part 6, the device
+    sections), in that order: a full run rewrites the rest of the file and keeps these."""
+    return [kept for kept in (section_block(text), streaming_block(text), device_block(text)) if kept]
 
 
 def device_main(settings, extra: list[str], argv: list[str], output: str, work: str) -> dict[str, float]:
@@ -150,6 +170,26 @@ def generalisation_main(settings, extra: list[str], argv: list[str], output: str
     print(text)
     print(f"Wrote part 5 into {output}")
     return {}
+
+
+def streaming_main(settings, argv: list[str], output: str, work: str) -> dict:
+    """`--streaming_section`: part 6's runs, each in a fresh process of this script, written into the part-6
+    block of `output`."""
+    start = time.perf_counter()
+    try:
+        measured = streaming_runs(os.path.abspath(__file__), settings, work)
+    finally:
+        if not settings.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    facts = machine()
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    where = f"CPU {facts['CPU']}; cores {facts['cores']}; RAM {facts['RAM']}; OMP_NUM_THREADS {threads}"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = streaming_section(settings, argv, measured, time.perf_counter() - start, commit(REPO_ROOT), when, where)
+    merge_streaming_section(output, text)
+    print(text)
+    print(f"Wrote part 6 into {output}")
+    return {"measured": measured, "text": text}
 
 
 def _write(output: str, text: str) -> None:

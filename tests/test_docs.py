@@ -103,7 +103,8 @@ def test_benchmark_lines_parse():
         unknown = [f for f in extra if f.startswith("--") and f[2:] not in fields]
         assert not unknown, (args, unknown)
     flags = {flag for _, args in lines for flag in args}
-    assert {"--quick", "--device_section", "--merge_device_section", "--generalisation_section"} <= flags
+    own_sections = {"--generalisation_section", "--streaming_section"}
+    assert {"--quick", "--device_section", "--merge_device_section", *own_sections} <= flags
     assert ("benchmarks.md", ["--quick"]) in lines  # run in-process by tests/test_benchmark.py
 
 

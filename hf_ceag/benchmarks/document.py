@@ -4,6 +4,7 @@ results block (part 0's summary) and the device sections measured on other machi
 from __future__ import annotations
 
 import datetime
+import os
 import shlex
 
 from hf_ceag.benchmarks.default_run import default_section, default_summary_table
@@ -47,10 +48,37 @@ DEVICE_START = (
 DEVICE_END = "<!-- /device-sections -->"
 
 
+def marked_block(text: str, start: str, end: str) -> str:
+    """The block of a BENCHMARKS.md text from its `start` marker to its `end` marker, both included ("" if
+    there is none): a part written by its own command, kept when the rest of the file is rewritten."""
+    first, last = text.find(start), text.find(end)
+    return text[first : last + len(end)] if 0 <= first < last else ""
+
+
+def merge_marked_block(path: str, block: str, start: str, end: str) -> None:
+    """Put `block` (from its `start` marker to its `end` marker) into BENCHMARKS.md at `path`: in place of the
+    block already there, else before the device sections (or at the end)."""
+    text = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            text = f.read()
+    old = marked_block(text, start, end)
+    if old:
+        text = text.replace(old, block.strip())
+    else:
+        at = text.find(DEVICE_START)
+        text = (
+            (text[:at] + block.strip() + "\n\n" + text[at:])
+            if at >= 0
+            else text.rstrip("\n") + "\n\n" + block.strip() + "\n"
+        )
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def device_block(text: str) -> str:
     """The device sections already in a BENCHMARKS.md text (kept when the CPU benchmark rewrites the file)."""
-    start, end = text.find(DEVICE_START), text.find(DEVICE_END)
-    return text[start : end + len(DEVICE_END)] if 0 <= start < end else ""
+    return marked_block(text, DEVICE_START, DEVICE_END)
 
 
 def merge_device_section(path: str, section: str) -> None:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from hf_ceag.benchmarks.document import marked_block, merge_marked_block
 from hf_ceag.benchmarks.formatting import cell
 from hf_ceag.benchmarks.recipe import Recipe
 
@@ -263,28 +264,10 @@ def generalisation_section(settings, argv: list[str], rows: list[dict], seconds:
 
 def section_block(text: str) -> str:
     """The part-5 block already in a BENCHMARKS.md text (kept when the rest of the file is rewritten)."""
-    start, end = text.find(START), text.find(END)
-    return text[start : end + len(END)] if 0 <= start < end else ""
+    return marked_block(text, START, END)
 
 
 def merge_section(path: str, section: str) -> None:
     """Put `section` into BENCHMARKS.md at `path`, replacing the part-5 block if there is one, else before the
     device sections (or at the end)."""
-    text = ""
-    if os.path.isfile(path):
-        with open(path) as f:
-            text = f.read()
-    old = section_block(text)
-    if old:
-        text = text.replace(old, section.strip())
-    else:
-        from hf_ceag.benchmarks.document import DEVICE_START
-
-        at = text.find(DEVICE_START)
-        text = (
-            (text[:at] + section.strip() + "\n\n" + text[at:])
-            if at >= 0
-            else text.rstrip("\n") + "\n\n" + section.strip() + "\n"
-        )
-    with open(path, "w") as f:
-        f.write(text)
+    merge_marked_block(path, section, START, END)

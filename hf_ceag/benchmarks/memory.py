@@ -36,6 +36,27 @@ def rss_mib() -> tuple[float, float]:
     return current, peak
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's peak resident memory (VmHWM) back to its current one, so that a later peak is that of
+    what ran since; False where Linux's /proc/self/clear_refs is missing (the peak then includes what came before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_in_child(command: list[str], name: str) -> dict[str, float]:
+    """Run `command` (a fresh process of the benchmark script) and read its last line of `key=value` figures,
+    which starts with `rss_before_mib=`; a failed run raises a `RuntimeError` naming `name` with its stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith("rss_before_mib="):
+        raise RuntimeError(f"memory run {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {k: float(v) for k, v in (pair.split("=") for pair in lines[-1].split())}
+
+
 def memory(script: str, argv: list[str], context: dict, work: str) -> dict[str, dict[str, float]]:
     """Resident memory of an NFT and a CEAG run, each in a fresh subprocess of the benchmark `script` run with
     `argv` and `--memory_child` (`memory_child`: first variant, seed and sparsity of the table, same recipe,
@@ -46,11 +67,7 @@ def memory(script: str, argv: list[str], context: dict, work: str) -> dict[str, 
             sys.executable, script, *argv, "--memory_child", method,
             "--memory_dense", context["dense_dir"], "--memory_out", os.path.join(work, "memory", method),
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines or not lines[-1].startswith("rss_before_mib="):
-            raise RuntimeError(f"memory run {method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        measured[method] = {k: float(v) for k, v in (pair.split("=") for pair in lines[-1].split())}
+        measured[method] = measure_in_child(command, method)
     return measured
 
 

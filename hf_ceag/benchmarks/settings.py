@@ -50,6 +50,10 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "default_flags": [],
         "constraint_splits": [0.1, 0.2],
         "stability_dual_lrs": [0.01, 0.1, 1.0],
+        "streaming_rows": [50_000, 200_000],
+        "streaming_map_rows": [10_000, 200_000],
+        "streaming_eval_rows": 2_000,
+        "streaming_steps": 200,
     }
 
 
@@ -73,6 +77,10 @@ def quick_settings(recipe: Recipe) -> dict[str, Any]:
         "calibration_batches": 2,
         "default_seeds": [0],
         "default_threads": [1],
+        "streaming_rows": [4_000],
+        "streaming_map_rows": [1_000],
+        "streaming_eval_rows": 500,
+        "streaming_steps": 10,
         # the README's command in miniature: the small digits, a few epochs
         "default_flags": [
             "--digits_variant",
@@ -164,7 +172,21 @@ def parse_settings(
     parser.add_argument(
         "--stability_dual_lrs", type=float, nargs="+", help="Dual learning rates of part 5 (nuPI and SGD duals)."
     )
-    for hidden in ("--memory_child", "--memory_dense", "--memory_out"):
+    parser.add_argument(
+        "--streaming_section",
+        action="store_true",
+        help="Only part 6 (peak memory of CEAG on a generated stream against the same rows map-style, each run "
+        "in a fresh process), written into BENCHMARKS.md's part-6 block (or --output).",
+    )
+    parser.add_argument(
+        "--streaming_rows", type=int, nargs="+", help="Rows of each generated training stream of part 6."
+    )
+    parser.add_argument(
+        "--streaming_map_rows", type=int, nargs="+", help="Rows of each map-style run of part 6 (held in memory)."
+    )
+    parser.add_argument("--streaming_eval_rows", type=int, help="Evaluation rows of each run of part 6.")
+    parser.add_argument("--streaming_steps", type=int, help="Optimizer steps of each run of part 6 (max_steps).")
+    for hidden in ("--memory_child", "--memory_dense", "--memory_out", "--streaming_child"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     settings, extra = parser.parse_known_args(argv)
     for key, value in (quick_settings(recipe) if settings.quick else full_settings(recipe)).items():
@@ -175,8 +197,8 @@ def parse_settings(
 
 
 def validate(settings: argparse.Namespace) -> None:
-    """Refuse settings that cannot give a timed figure: more warm-up than steps, no repeat, no group, a
-    sparsity outside (0, 1)."""
+    """Refuse settings that cannot give a figure: more warm-up than steps, no repeat, no group, no row or too
+    few steps for part 6, a sparsity outside (0, 1)."""
     for name in ("overhead_steps", "scaling_steps"):
         if getattr(settings, name) <= settings.warmup_steps:
             raise ValueError(
@@ -186,6 +208,10 @@ def validate(settings: argparse.Namespace) -> None:
         raise ValueError("--warmup_steps, --repeats and --scaling_repeats must be >= 1.")
     if min(settings.groups + settings.fairgrape_groups) < 1:
         raise ValueError("--groups and --fairgrape_groups must be >= 1.")
+    if min(settings.streaming_eval_rows, *settings.streaming_rows, *settings.streaming_map_rows) < 1:
+        raise ValueError("--streaming_rows, --streaming_eval_rows and --streaming_map_rows must be >= 1.")
+    if settings.streaming_steps < 2:
+        raise ValueError(f"--streaming_steps={settings.streaming_steps} must be >= 2 (pruning ends at half).")
     bad = [s for s in settings.sparsities if not 0.0 < s < 1.0]
     if bad:
         raise ValueError(f"--sparsities {bad} must lie in (0, 1), e.g. 0.9 for 90 %.")
