@@ -26,15 +26,17 @@ def record_dense_model(trainer) -> tuple[dict[str, torch.Tensor], dict[str, Dens
     names = trainer.group_index.names[: trainer.group_index.num_groups]
     correct, references = {}, {}
     for name, dataset in trainer._audited_splits().items():
-        logits, labels, groups = predict_every_row(trainer, dataset, f"dense_{name}")
-        check_label_values(labels, trainer.model, name)
-        correct[name] = logits.argmax(-1) == labels
+        rows = predict_every_row(trainer, dataset, f"dense_{name}")
+        check_label_values(rows.labels, trainer.model, name)
+        correct[name] = rows.correct
         if name == "train" and trainer.data.train_rows is None:  # a stream, counted now that it has been read
-            counted_stream(trainer, groups)
+            counted_stream(trainer, rows.groups)
         if name in ("train", "constraint"):
-            references[name] = DenseReference.from_predictions(logits, labels, groups, names)
+            references[name] = DenseReference.from_rows(rows.correct, rows.losses, rows.groups, names)
         if name == "train":
-            check_dense_model_is_trained(references[name].accuracy, labels, trainer.args.allow_weak_dense_model)
+            check_dense_model_is_trained(
+                references[name].accuracy, rows.labels, trainer.args.allow_weak_dense_model
+            )
     return correct, references
 
 
@@ -72,9 +74,9 @@ def audit_run(trainer) -> dict[str, Any]:
     args, index = trainer.args, trainer.group_index
     reports = {}
     for name, dataset in trainer._audited_splits().items():
-        logits, labels, groups = predict_every_row(trainer, dataset, f"sparse_{name}")
+        rows = predict_every_row(trainer, dataset, f"sparse_{name}")
         reports[name] = split_report(
-            groups, trainer.dense_correct[name], logits.argmax(-1) == labels, index.names, args.tolerance,
+            rows.groups, trainer.dense_correct[name], rows.correct, index.names, args.tolerance,
             num_constrained_groups=index.num_groups, seed=args.seed,
         )  # fmt: skip
     report = run_report(
