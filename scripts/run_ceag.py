@@ -231,17 +231,15 @@ def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.Datas
             return load_styled_digits_dataset(image_size=script.image_size, seed=config.seed), 1
         rare = (3, 8) if script.digits_variant == "imbalanced" else ()
         return load_digits_dataset(image_size=script.image_size, seed=config.seed, rare_groups=rare), 1
+    names = ("image_column", "label_column", "data_dir", "image_size", "test_size")
+    images = {name: getattr(script, name) for name in names}  # how either loader reads the images
     if script.streaming:
         return load_streamed_image_dataset(
             script.dataset_name,
             config.group_columns,
-            image_column=script.image_column,
-            label_column=script.label_column,
-            data_dir=script.data_dir,
-            image_size=script.image_size,
-            test_size=script.test_size,
             class_names=script.class_names,
             group_names=config.group_names,
+            **images,
         ), 3
     recipe = load_recipe_data(
         script.dataset_name,
@@ -253,17 +251,7 @@ def load_data(script: DataArguments, config: CEAGConfig) -> tuple[datasets.Datas
     )
     if recipe is not None:  # utkface, fairface, HuggingFaceM4/FairFace, uoft-cs/cifar100: see configs/
         return recipe, 3
-    data = load_image_dataset(
-        script.dataset_name,
-        config.group_columns,
-        image_column=script.image_column,
-        label_column=script.label_column,
-        data_dir=script.data_dir,
-        image_size=script.image_size,
-        test_size=script.test_size,
-        seed=config.seed,
-    )
-    return data, 3
+    return load_image_dataset(script.dataset_name, config.group_columns, seed=config.seed, **images), 3
 
 
 DENSE_RECORD = "hf_ceag_dense.json"  # what made the cached dense model, beside it
