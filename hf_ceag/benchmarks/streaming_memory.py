@@ -235,9 +235,8 @@ def streaming_section(settings, argv: list[str], measured: list[dict], seconds: 
                 "Arrow table. The dense pass and the report each read the whole training set. Each run is a "
                 "fresh process; resident memory from `/proc/self/status` (VmRSS before the trainer is built, "
                 f"once the libraries, the model and, map-style, the data are loaded); {peak}. What grows with the rows "
-                "on a stream: the dense pass and the report each keep every row's correctness, loss, label, group "
-                "id and input check (about 33 bytes, whatever the number of classes) until the pass ends, then "
-                "one correctness flag per row."
+                "on a stream: the dense pass and the report each keep every row's logits (4 bytes per class), "
+                "label, group id and input check until the pass ends, then one correctness flag per row."
             ),
             "\n".join(table),
             f"Reading: {streaming_reading(measured)}",
