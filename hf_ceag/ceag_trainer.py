@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .audit.predictions import predict_every_row
 from .audit.trainer_audit import (
     audit_run,
     eval_group_metrics,
@@ -249,6 +250,10 @@ class CEAGTrainer(Trainer):
         # train (the rows the primal step trains on) and constraint (held out for the dual step, if any), without
         # the training augmentation where an evaluation transform allows; then every eval split
         return {**self.data.audited_training_rows(), **self._eval_splits()}
+
+    def _predict(self, dataset: datasets.Dataset, prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, labels and group ids of every row of `dataset`, in order, on every process (eval mode)."""
+        return predict_every_row(self, dataset, prefix)
 
     @property
     def _not_model_inputs(self) -> tuple[str, ...]:

@@ -1,17 +1,11 @@
-"""Every row's prediction, in order, on every process: the dense reference before training, reports after it.
-
-Each row keeps its correctness, its loss, its label and its group id, not its logits: a pass over a stream of
-n rows holds about 21 bytes a row whatever the number of classes (logits would take 4 bytes a class: 800 MB for
-200,000 rows of 1,000 classes)."""
+"""Every row's prediction, in order, on every process: the dense reference before training, reports after it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.encoding import LABEL_COLUMNS
@@ -19,29 +13,20 @@ from ..data.groups import GROUP_ID_COLUMN
 from ..models.classifiers import classifier_logits
 
 
-@dataclass
-class RowPredictions:
-    """One prediction pass over a split, per row in order: `correct` (bool), `losses` (cross-entropy, float64; 0
-    for a label outside the model's classes, which the caller refuses), `labels` and `groups` (group ids)."""
-
-    correct: torch.Tensor
-    losses: torch.Tensor
-    labels: torch.Tensor
-    groups: torch.Tensor
-
-
 @torch.no_grad()
-def predict_every_row(trainer, dataset: Any, prefix: str) -> RowPredictions:
-    """Every row of `dataset` (encoded by a `CEAGTrainer`; map-style or a stream), in order, on every process,
-    predicted by `trainer`'s model in eval mode (its training flag is restored). Refuses (`ValueError`, naming the
-    split from `prefix`, e.g. "dense_train", and the rows) a split with NaN or infinite inputs or logits.
+def predict_every_row(
+    trainer, dataset: datasets.Dataset, prefix: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels and group ids of every row of `dataset` (encoded by a `CEAGTrainer`), in order, on every
+    process, with `trainer`'s model in eval mode (its training flag is restored). Refuses (`ValueError`, naming
+    the split from `prefix`, e.g. "dense_train", and the rows) a split with NaN or infinite inputs or logits.
 
     Its own loop rather than `Trainer.predict`: predicting before `train()` marks the model as prepared in
     evaluation mode, and accelerate then never wraps it in DDP for training."""
     model = trainer.model
     was_training = model.training
     model.eval()
-    columns: dict[str, list[torch.Tensor]] = {"correct": [], "losses": [], "labels": [], "flags": [], "groups": []}
+    logits, labels, non_finite, group_ids = [], [], [], []
     streamed = isinstance(dataset, datasets.IterableDataset)  # its group ids come with the rows, as they are read
     progress = not trainer.args.disable_tqdm and trainer.is_local_process_zero()
     not_inputs = (*LABEL_COLUMNS, GROUP_ID_COLUMN, *trainer.args.group_columns)
@@ -51,26 +36,24 @@ def predict_every_row(trainer, dataset: Any, prefix: str) -> RowPredictions:
         inputs = {k: v for k, v in batch.items() if k not in not_inputs}
         with trainer.accelerator.autocast():
             outputs = model(**inputs)
-        logits = classifier_logits(outputs, model).float()
-        gathered = (logits, target, non_finite_rows(inputs, logits))
+        batch_logits = classifier_logits(outputs, model).float()
+        gathered = (batch_logits, target, non_finite_rows(inputs, batch_logits))
         gathered += (batch[GROUP_ID_COLUMN],) if streamed else ()
-        logits, target, flags, *groups = trainer.accelerator.gather_for_metrics(gathered)
-        known = (target >= 0) & (target < logits.shape[-1])  # a label outside the classes: refused after the pass
-        losses = F.cross_entropy(logits.double(), torch.where(known, target, 0).long(), reduction="none")
-        for name, value in zip(columns, (logits.argmax(-1) == target, losses, target, flags, *groups)):
-            columns[name].append(value.cpu())
+        batch_logits, target, bad, *groups = trainer.accelerator.gather_for_metrics(gathered)
+        logits.append(batch_logits.cpu())
+        labels.append(target.cpu())
+        non_finite.append(bad)
+        group_ids.extend(g.cpu() for g in groups)
     model.train(was_training)
     split = prefix.partition("_")[2] or prefix  # "dense_train": the train split
-    if not columns["labels"]:
+    if not logits:
         raise ValueError(f"The {split} split gave no rows: pass a dataset (or stream) that holds some.")
-    check_finite_rows(torch.cat(columns["flags"]), split, getattr(model, "main_input_name", "pixel_values"))
+    check_finite_rows(torch.cat(non_finite), split, getattr(model, "main_input_name", "pixel_values"))
     if streamed:
-        groups = torch.cat(columns["groups"]).long()
+        groups = torch.cat(group_ids).long()
     else:
         groups = torch.tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
-    return RowPredictions(
-        torch.cat(columns["correct"]), torch.cat(columns["losses"]), torch.cat(columns["labels"]).long(), groups
-    )
+    return torch.cat(logits), torch.cat(labels).long(), groups
 
 
 INPUT_FLAG, LOGITS_FLAG = 1, 2  # the bits of `non_finite_rows`

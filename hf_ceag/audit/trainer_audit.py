@@ -26,17 +26,15 @@ def record_dense_model(trainer) -> tuple[dict[str, torch.Tensor], dict[str, Dens
     names = trainer.group_index.names[: trainer.group_index.num_groups]
     correct, references = {}, {}
     for name, dataset in trainer._audited_splits().items():
-        rows = predict_every_row(trainer, dataset, f"dense_{name}")
-        check_label_values(rows.labels, trainer.model, name)
-        correct[name] = rows.correct
+        logits, labels, groups = predict_every_row(trainer, dataset, f"dense_{name}")
+        check_label_values(labels, trainer.model, name)
+        correct[name] = logits.argmax(-1) == labels
         if name == "train" and trainer.data.train_rows is None:  # a stream, counted now that it has been read
-            counted_stream(trainer, rows.groups)
+            counted_stream(trainer, groups)
         if name in ("train", "constraint"):
-            references[name] = DenseReference.from_rows(rows.correct, rows.losses, rows.groups, names)
+            references[name] = DenseReference.from_predictions(logits, labels, groups, names)
         if name == "train":
-            check_dense_model_is_trained(
-                references[name].accuracy, rows.labels, trainer.args.allow_weak_dense_model
-            )
+            check_dense_model_is_trained(references[name].accuracy, labels, trainer.args.allow_weak_dense_model)
     return correct, references
 
 
@@ -74,9 +72,9 @@ def audit_run(trainer) -> dict[str, Any]:
     args, index = trainer.args, trainer.group_index
     reports = {}
     for name, dataset in trainer._audited_splits().items():
-        rows = predict_every_row(trainer, dataset, f"sparse_{name}")
+        logits, labels, groups = predict_every_row(trainer, dataset, f"sparse_{name}")
         reports[name] = split_report(
-            rows.groups, trainer.dense_correct[name], rows.correct, index.names, args.tolerance,
+            groups, trainer.dense_correct[name], logits.argmax(-1) == labels, index.names, args.tolerance,
             num_constrained_groups=index.num_groups, seed=args.seed,
         )  # fmt: skip
     report = run_report(

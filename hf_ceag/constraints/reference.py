@@ -51,22 +51,16 @@ class DenseReference:
         cls, logits: torch.Tensor, labels: torch.Tensor, group_ids: torch.Tensor, group_names: list[str]
     ) -> DenseReference:
         """Per-group mean accuracy and cross-entropy from the dense model's logits on the training set."""
-        losses = F.cross_entropy(logits.double(), labels.long(), reduction="none")
-        return cls.from_rows(logits.argmax(dim=-1) == labels, losses, group_ids, group_names)
-
-    @classmethod
-    def from_rows(
-        cls, correct: torch.Tensor, losses: torch.Tensor, group_ids: torch.Tensor, group_names: list[str]
-    ) -> DenseReference:
-        """Per-group mean accuracy and cross-entropy from each training row's correctness and loss (float64)."""
         num_groups = len(group_names)
         group_ids = group_ids.long()
+        correct = (logits.argmax(dim=-1) == labels).double()
+        losses = F.cross_entropy(logits.double(), labels.long(), reduction="none")
         counts = torch.bincount(group_ids, minlength=num_groups)
         empty = [group_names[g] for g in torch.nonzero(counts == 0).flatten().tolist()]
         if empty:
             raise ValueError(f"DenseReference: group(s) {empty} have no training samples.")
-        accuracy = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, correct.double()) / counts
-        loss = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, losses.double()) / counts
+        accuracy = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, correct) / counts
+        loss = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, losses) / counts
         return cls(list(group_names), counts.tolist(), accuracy.tolist(), loss.tolist())
 
     def tensors(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
