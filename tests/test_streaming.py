@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import streaming_worker
 from test_scale_out import PROCESSES_ON_CPU, run
 
+from hf_ceag.data.streaming import MAP_BATCH
+
 WORKER = str(ROOT / "tests" / "streaming_worker.py")
 
 
@@ -123,18 +125,16 @@ def test_what_a_stream_cannot_do_is_refused_when_the_trainer_is_built(
 
 def test_undeclared_groups_are_refused(digits, tiny_model, make_config, tmp_path):
     """Groups that are neither ClassLabels nor listed: refused at construction. A row of a group the list lacks,
-    far into the stream: refused when the dense pass reads it, before any step, with nothing written."""
+    far into the stream (after a whole batch of the group-id map): refused when the dense pass reads it, before any
+    step, with nothing written."""
     from hf_ceag import CEAGTrainer
 
     with pytest.raises(ValueError, match=r"not ClassLabel features .*group_names"):
         CEAGTrainer(tiny_model, stream_config(make_config), train_dataset=digits_stream(digits, 64, PLAIN))
     table = digits["train"].cast_column("group", PLAIN)
-    late = datasets.concatenate_datasets(
-        [
-            table.filter(lambda row: row["group"] != 9).select(range(300)),
-            table.filter(lambda row: row["group"] == 9),
-        ]
-    )  # the first 300 rows (several batches of the stream's group-id map) are of the declared groups
+    declared = table.filter(lambda row: row["group"] != 9)
+    late = datasets.concatenate_datasets([declared, declared, table.filter(lambda row: row["group"] == 9)])
+    assert 2 * len(declared) > MAP_BATCH  # a whole batch of the stream's group-id map holds declared groups only
     config = stream_config(
         make_config, group_names=[str(d) for d in range(9)], save_strategy="steps", save_steps=1
     )
