@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import datasets
 import torch
 from transformers import EvalPrediction
 
@@ -27,7 +28,8 @@ def record_dense_model(trainer) -> tuple[dict[str, torch.Tensor], dict[str, Dens
     correct, references = {}, {}
     for name, dataset in trainer._audited_splits().items():
         logits, labels, groups = predict_every_row(trainer, dataset, f"dense_{name}")
-        check_label_values(labels, trainer.model, name)
+        if isinstance(dataset, datasets.IterableDataset):  # a table's labels: checked when the trainer was built
+            check_label_values(labels, trainer.model, name)
         correct[name] = logits.argmax(-1) == labels
         if name == "train" and trainer.data.train_rows is None:  # a stream, counted now that it has been read
             counted_stream(trainer, groups)
