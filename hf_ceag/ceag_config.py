@@ -41,6 +41,13 @@ class CEAGConfig(TrainingArguments):
         default=0.01,
         metadata={"help": "CEAG tolerance epsilon: largest allowed excess accuracy gap per group (a fraction)."},
     )
+    constraint_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Constrain training at tolerance - delta so that the train-set satisfaction has room to "
+            "generalise; reports still judge at tolerance (delta >= 0, a fraction)."
+        },
+    )
     buffer_size: int = field(
         default=40,
         metadata={
@@ -242,6 +249,11 @@ class CEAGConfig(TrainingArguments):
             raise ValueError(
                 f"tolerance={self.tolerance} is negative: give the largest allowed excess accuracy gap as a "
                 "fraction >= 0, e.g. 0.01 for one point."
+            )
+        if self.constraint_margin < 0:
+            raise ValueError(
+                f"constraint_margin={self.constraint_margin} is negative: give the margin delta >= 0 by which "
+                "training tightens the tolerance (0.01 trains at tolerance - 0.01), or 0 for none."
             )
         if self.dual_lr <= 0:
             raise ValueError(f"dual_lr={self.dual_lr} must be > 0, e.g. 1e-2 (keep it small for stability).")

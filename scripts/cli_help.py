@@ -39,8 +39,8 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
     "hf-ceag: constraints": (
         "",
         (
-            "tolerance dual_lr buffer_size dual_optimizer nupi_kp nupi_ki nupi_ema_nu constraint_split "
-            "surrogate_overall_gradient mitigate_during_pruning max_accuracy_drop allow_weak_dense_model"
+            "tolerance constraint_margin dual_lr buffer_size dual_optimizer nupi_kp nupi_ki nupi_ema_nu "
+            "constraint_split surrogate_overall_gradient mitigate_during_pruning max_accuracy_drop allow_weak_dense_model"
         ),
     ),
     "hf-ceag: pruning": (

@@ -12,6 +12,7 @@ from hf_ceag import GROUP_ID_COLUMN, CEAGConfig, GroupIndex
         ("target_sparsity", 1.0, "target_sparsity=1.0 is outside"),
         ("target_sparsity", -0.1, "target_sparsity=-0.1"),
         ("tolerance", -0.01, "tolerance=-0.01 is negative"),
+        ("constraint_margin", -0.01, "constraint_margin=-0.01 is negative"),
         ("dual_lr", 0.0, "dual_lr=0.0 must be > 0"),
         ("buffer_size", -1, "buffer_size=-1 must be >= 0"),
         ("mitigation", "fair", "mitigation='fair'"),

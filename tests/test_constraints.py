@@ -1,4 +1,5 @@
 import math
+import types
 
 import pytest
 import torch
@@ -144,9 +145,29 @@ def test_equalized_loss_multipliers_take_either_sign():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="tolerance"):
-        ExcessAccuracyGapProblem(reference(), buffer_size=4, tolerance=-0.1)
+        ExcessAccuracyGapProblem(reference(), buffer_size=4, tolerance=float("nan"))
     with pytest.raises(ValueError, match="buffer_size"):
         ExcessAccuracyGapProblem(reference(), buffer_size=-1, tolerance=0.1)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.02])
+def test_constraint_margin_trains_at_tolerance_minus_margin(margin):
+    """With margin δ the problem's violation for an estimate ψ̂ is ψ̂ − (ε − δ) (here ε − δ may be negative),
+    and its dual step follows it; the configured tolerance, which the reports judge at, stays ε."""
+    args = types.SimpleNamespace(
+        mitigation="ceag", buffer_size=2, tolerance=0.01, constraint_margin=margin, device="cpu",
+        surrogate_overall_gradient=False, dual_lr=0.5,
+    )  # fmt: skip
+    step = ConstrainedStep.for_run(args, reference())
+    problem = step.problem
+    # group 0 at the dense accuracy, group 1 one row in two right, group 2 all right
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    correct = torch.tensor([1, 0, 1, 0, 1, 1]).float()
+    step.loss(torch.rand(6), correct, ids, torch.bincount(ids, minlength=3), 1, True, True, lambda *b: b)
+    psi = problem.estimated_gaps()
+    torch.testing.assert_close(problem.strict_violations(), psi - (0.01 - margin))
+    torch.testing.assert_close(problem.multipliers_tensor(), (0.5 * (psi - (0.01 - margin))).clamp(min=0))
+    assert problem.tolerance == pytest.approx(0.01 - margin) and args.tolerance == 0.01
 
 
 def nupi_run(dual_optimizer, steps=8, **gains):

@@ -82,3 +82,16 @@ def test_a_split_with_no_judged_group_saves_valid_json_and_a_card_without_nan(tm
     assert values and all(math.isfinite(v) for v in values)
     names = [m["name"] for entry in metadata["model-index"][0]["results"] for m in entry["metrics"]]
     assert "accuracy (train)" in names and "max excess accuracy gap (train)" not in names
+
+
+def test_a_constraint_margin_trains_below_tolerance_and_reports_at_tolerance(tiny_model, digits, make_config):
+    from hf_ceag import CEAGTrainer
+
+    config = make_config(mitigation="ceag", constraint_margin=0.02, max_steps=6, pruning_end_epoch=0.05)
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], eval_dataset=digits["test"])
+    trainer.train()
+    assert trainer.problem.tolerance == pytest.approx(0.01 - 0.02)
+    report = trainer.group_report()
+    assert report["tolerance"] == 0.01
+    for split in report["splits"].values():
+        assert split["satisfied"] == (split["max_excess_gap"] <= 0.01)

@@ -17,6 +17,7 @@ ready, are masked (violation 0) rather than indexed out, so a step never reads a
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 from cooper import CMPState, ConstrainedMinimizationProblem, Constraint, ConstraintState, ConstraintType
@@ -227,8 +228,9 @@ class ExcessAccuracyGapProblem(GroupConstrainedProblem):
         overall_gradient: bool = False,
         estimate_reference: DenseReference | None = None,
     ) -> None:
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 (an accuracy fraction, e.g. 0.01), got {tolerance}.")
+        if not math.isfinite(tolerance):
+            raise ValueError(f"tolerance must be a finite accuracy fraction (e.g. 0.01), got {tolerance}.")
+        # A negative bound is a training margin below a tolerance of 0: ψ_g ≤ ε − δ is still one-sided.
         self.tolerance = tolerance
         self.overall_gradient = overall_gradient
         super().__init__(reference, buffer_size, device, estimate_reference)

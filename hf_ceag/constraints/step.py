@@ -39,7 +39,8 @@ class ConstrainedStep:
         """The problem `args.mitigation` asks for (NFT keeps a CEAG problem for its logs, never stepping its
         duals, without replay buffers: nothing fills them), on `args.device`, with projected ascent on the
         multipliers at `args.dual_lr` by `args.dual_optimizer` (`build_dual_optimizer`). `estimate_reference`:
-        the dense model on the held-out rows whose predictions the estimates are built from, if any."""
+        the dense model on the held-out rows whose predictions the estimates are built from, if any. CEAG trains at
+        `args.tolerance − args.constraint_margin` (which may be negative); the reports judge at `args.tolerance`."""
         buffer_size = 0 if args.mitigation == "none" else args.buffer_size
         if args.mitigation == "equalized_loss":
             problem = EqualizedLossProblem(
@@ -49,7 +50,7 @@ class ConstrainedStep:
             problem = ExcessAccuracyGapProblem(
                 reference,
                 buffer_size,
-                args.tolerance,
+                args.tolerance - getattr(args, "constraint_margin", 0.0),
                 device=args.device,
                 overall_gradient=args.surrogate_overall_gradient,
                 estimate_reference=estimate_reference,
