@@ -161,7 +161,11 @@ def generalisation_main(settings, extra: list[str], argv: list[str], output: str
         if not settings.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     facts = machine()
-    where = f"CPU {facts['CPU']}; cores {facts['cores']}; RAM {facts['RAM']}; one torch thread per run, {os.cpu_count()} runs at once"
+    cores = os.cpu_count() or 1
+    at_once = ", ".join(
+        f"{t} thread{'s' if t > 1 else ''} a run, {max(1, cores // t)} at once" for t in settings.default_threads
+    )
+    where = f"CPU {facts['CPU']}; cores {facts['cores']}; RAM {facts['RAM']}; {at_once}"
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = generalisation_section(
         settings, argv, rows, time.perf_counter() - start, commit(REPO_ROOT), when, where

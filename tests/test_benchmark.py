@@ -122,17 +122,33 @@ def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
 
     output = tmp_path / "BENCHMARKS.md"
     output.write_text(f"# kept\n\n{START}\nold part 5\n{END}\n\n{DEVICE_START}\ngpu\n{DEVICE_END}\n")
-    argv = ["--generalisation_section", "--quick", "--constraint_splits", "0.2", "--stability_dual_lrs", "1.0"]
+    argv = [
+        "--generalisation_section",
+        "--quick",
+        "--constraint_splits",
+        "0.2",
+        "--nupi_dual_lrs",
+        "1.0",
+        "--sgd_dual_lrs",
+        "--constraint_margins",
+        "0.01",
+    ]
     benchmark.main([*argv, "--output", str(output), "--work_dir", str(tmp_path / "work")])
     text = output.read_text()
     assert text.startswith("# kept") and "old part 5" not in text and text.count(START) == 1
     assert text.index(END) < text.index(DEVICE_START) and "gpu" in text
-    rows = {
-        line.split(" | ")[0][2:]: _numbers(line)
+    rows = {  # the summary table: threads | variant | seeds | ...
+        line.split(" | ")[1]: _numbers(line.split(" | ", 2)[2])
         for line in text.splitlines()
-        if line.startswith("| ") and " | 1 | " in line
+        if line.startswith("| 1 | ") and " | 1 | " in line[4:] and "/1" in line
     }
-    assert set(rows) >= {"NFT", "CEAG, held-out duals (20% of rows)", "CEAG, nuPI duals, dual lr 1"}
+    assert set(rows) == {
+        "NFT",
+        "CEAG (default: SGD duals, dual lr 0.0175)",
+        "CEAG, held-out duals (20% of rows), dual lr 0.005",
+        "CEAG, nuPI duals, dual lr 1",
+        "CEAG, training margin δ 0.01 (trains at ε − δ)",
+    }
     assert all(math.isfinite(v) for values in rows.values() for v in values)
 
 
