@@ -130,7 +130,7 @@ def test_runs_are_reused_only_from_the_same_finished_command(tmp_path):
     calls = tmp_path / "calls.txt"
     ran = _run_all(recipe, [(0, out, ["--methods", "ceag"])], settings, [], str(tmp_path), 1, 2, ("ceag",))
     assert list(ran) == [out] and calls.read_text() == "2\n"
-    assert json.load(open(tmp_path / "run" / "command.json"))["threads"] == 2
+    assert json.loads((tmp_path / "run" / "command.json").read_text())["threads"] == 2
     assert _run_all(recipe, [(0, out, ["--methods", "ceag"])], settings, [], str(tmp_path), 1, 2, ("ceag",)) == {}
     assert calls.read_text() == "2\n"  # reused
     _run_all(recipe, [(0, out, ["--methods", "ceag"])], settings, [], str(tmp_path), 1, 1, ("ceag",))

@@ -84,7 +84,9 @@ def test_a_split_with_no_judged_group_saves_valid_json_and_a_card_without_nan(tm
     assert "accuracy (train)" in names and "max excess accuracy gap (train)" not in names
 
 
-def test_a_constraint_margin_trains_below_tolerance_and_reports_at_tolerance(tiny_model, digits, make_config):
+def test_a_constraint_margin_trains_below_tolerance_and_reports_at_tolerance(
+    tiny_model, digits, make_config, tmp_path
+):
     from hf_ceag import CEAGTrainer
 
     config = make_config(mitigation="ceag", constraint_margin=0.02, max_steps=6, pruning_end_epoch=0.05)
@@ -92,6 +94,9 @@ def test_a_constraint_margin_trains_below_tolerance_and_reports_at_tolerance(tin
     trainer.train()
     assert trainer.problem.tolerance == pytest.approx(0.01 - 0.02)
     report = trainer.group_report()
-    assert report["tolerance"] == 0.01
+    assert report["tolerance"] == 0.01 and report["constraint_margin"] == 0.02
     for split in report["splits"].values():
         assert split["satisfied"] == (split["max_excess_gap"] <= 0.01)
+    trainer.save_model(str(tmp_path))  # the card says the model was trained below the tolerance it is judged at
+    card = (tmp_path / "README.md").read_text()
+    assert "| tolerance ε | 0.01 |\n| training margin δ | 0.02: trained at ε − δ = -0.01, judged at ε |" in card

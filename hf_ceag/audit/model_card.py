@@ -188,6 +188,7 @@ def training_settings(args, schedule, group_columns: list[str]) -> dict[str, Any
         "pruning": pruning,
         "buffer_size": args.buffer_size,
         "dual_lr": args.dual_lr,
+        "constraint_margin": args.constraint_margin if args.mitigation == "ceag" else 0.0,
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         "group_columns": group_columns,
     }
@@ -318,6 +319,7 @@ def build_model_card(
         pruning_text=training.get("pruning", ""),
         buffer_size=training.get("buffer_size", ""),
         dual_lr=training.get("dual_lr", ""),
+        constraint_margin=training.get("constraint_margin", 0.0),
         epochs=training.get("epochs", ""),
         group_columns=", ".join(training.get("group_columns", [])),
     )

@@ -349,6 +349,7 @@ def run_report(
         dense_parent_sparsity=dense_parent_sparsity,
         buffer_size=args.buffer_size,
         dual_lr=args.dual_lr,
+        constraint_margin=args.constraint_margin if args.mitigation == "ceag" else 0.0,
         pruning_scope=args.pruning_scope,
         group_columns=list(group_index.columns),
         sparsity_definition=sparsity_definition(args.keep_first_last_dense, len(pruner.parameters)),
