@@ -132,7 +132,8 @@ def test_runs_are_reused_only_from_the_same_finished_command(tmp_path):
     is; a failed run raises, naming its log."""
     script = tmp_path / "fake_run.py"
     script.write_text(
-        "import os, sys\n"
+        "import os, sys, time\n"
+        "time.sleep(0.2)\n"
         "out = sys.argv[sys.argv.index('--output_dir') + 1]\n"
         "open(os.path.join(os.path.dirname(out), 'calls.txt'), 'a').write(os.environ['OMP_NUM_THREADS'] + '\\n')\n"
         "if '--fail' in sys.argv: sys.exit(3)\n"
