@@ -95,6 +95,8 @@ def generalisation_runs(recipe: Recipe, settings, extra: list[str], work: str, c
         for seed in settings.default_seeds:
             for variant in chosen[2:]:
                 out = os.path.join(top, f"seed{seed}", variant.name)
+                if base[seed] in made:  # a new dense model: no earlier variant run of this seed is reused
+                    shutil.rmtree(out, ignore_errors=True)
                 if not os.path.isdir(os.path.join(out, "dense")):
                     shutil.copytree(os.path.join(base[seed], "dense"), os.path.join(out, "dense"))
                 jobs.append((seed, out, ["--methods", "ceag", *variant.flags]))
