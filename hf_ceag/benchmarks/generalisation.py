@@ -1,5 +1,5 @@
 """Part 5 of BENCHMARKS.md (`--generalisation_section`): does a group's protection hold on data the model has
-not seen? Every lever tried against the test-split goal of issue 26, at each thread count.
+not seen? Every lever tried against the test-split goal, at each thread count.
 
 On the default recipe, per (thread count, seed): NFT and CEAG from one run of the README's command (dense training
 included), then CEAG with one lever at a time (held-out duals with a lower dual lr, nuPI duals, a training
@@ -203,7 +203,7 @@ def _row(seed: int, variant: Variant, folder: str, seconds: float | None) -> dic
 
 
 def criteria(rows: list[dict]) -> dict[tuple[int, str], dict]:
-    """Per (threads, variant), how many seeds meet each of issue 26's criteria: test max ψ_g ≤ 2ε; test accuracy
+    """Per (threads, variant), how many seeds meet each criterion of the test-split goal: test max ψ_g ≤ 2ε; test accuracy
     within one point of NFT's on the same seed and thread count; train max ψ_g ≤ ε; the 95 % bootstrap upper bound
     of test max ψ_g under 2ε; and the first three at once ("all"). NFT's own row counts its train max ψ_g > 2ε (the
     problem shown)."""
@@ -229,7 +229,7 @@ def criteria(rows: list[dict]) -> dict[tuple[int, str], dict]:
 
 
 def meets_goal(counts: dict, need: float = 0.8) -> bool:
-    """Issue 26's goal for a CEAG variant at one thread count: ≥ 4 of 5 seeds (80 %) within 2ε on test, within
+    """The test-split goal for a CEAG variant at one thread count: ≥ 4 of 5 seeds (80 %) within 2ε on test, within
     one point of NFT's accuracy, and within ε on train."""
     runs = counts["runs"]
     return all(counts[k] >= need * runs for k in ("test", "accuracy", "train"))
@@ -265,7 +265,7 @@ def generalisation_table(rows: list[dict]) -> str:
 
 
 def generalisation_goals(rows: list[dict]) -> list[str]:
-    """Issue 26's goal per thread count: which variants meet it, which came closest (the most seeds meeting the
+    """The test-split goal per thread count: which variants meet it, which came closest (the most seeds meeting the
     three criteria at once, then the most within 2ε on test, then the lowest mean), and the noise floor of the test
     split's smallest group."""
     counted = criteria(rows)
@@ -349,7 +349,7 @@ def generalisation_section(settings, argv: list[str], rows: list[dict], seconds:
                 "columns say in how many seeds a criterion holds (accuracy against NFT's on the same seed and "
                 "thread count); 95 % bound = the largest upper end over the test groups of the 95 % bootstrap "
                 "interval of ψ_g (`excess_gap_ci` in report.json); final max λ_g = the largest multiplier when "
-                "training ended. Goal (issue 26): within 2ε on test, within a point of NFT's accuracy and within ε "
+                "training ended. Goal: within 2ε on test, within a point of NFT's accuracy and within ε "
                 "on train, each in ≥ 4 of 5 seeds, at every thread count."
             ),
             generalisation_table(rows),

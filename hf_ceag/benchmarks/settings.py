@@ -49,7 +49,7 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "default_threads": [1, 2],
         "default_flags": [],
         "constraint_splits": [0.2],
-        "held_out_dual_lrs": [0.005],  # part 5 (issue 26): held-out duals with a lower dual lr
+        "held_out_dual_lrs": [0.005],  # part 5: held-out duals with a lower dual lr
         "nupi_dual_lrs": [1.0],
         "sgd_dual_lrs": [0.05],
         "constraint_margins": [0.01, 0.02],
