@@ -7,7 +7,8 @@ The Trainer's own loop runs unchanged. This class overrides only:
 * `training_step`: masks the pruned weights' gradients before clipping; records a non-finite loss on the device;
 * `create_optimizer`: attaches the pruning masks, so that pruned weights stay exactly zero;
 * `train`: the dense reference and the step schedule before the first step (or the checkpoint's state);
-* `log`, `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: group metrics, reports, cards (`audit`).
+* `log`, `evaluate`, `save_model`, `create_model_card`, `push_to_hub`: group metrics, reports, cards (`audit`);
+* `_determine_best_metric`: the checkpoints `load_best_model_at_end` may pick (`model_selection`).
 
 The datasets are prepared once (`data.prepared`). A training step never reads a value back to the host: group
 counts, buffers, readiness and multipliers are fixed-shape tensors, and the metrics accumulate on the device and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from .audit.predictions import predict_every_row
 from .audit.trainer_audit import (
@@ -51,12 +54,15 @@ from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
 from .data.prepared import PreparedData, named_splits
 from .data.streaming import first_rows, is_streamed
+from .model_selection import NO_CANDIDATE, not_a_candidate
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.cpu_bf16 import protect_for_cpu_bf16
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
 from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
 from .pruning.schedule import CubicSchedule
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
 
@@ -224,7 +230,15 @@ class CEAGTrainer(Trainer):
         if saved is not None:
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
             self.pruning.seconds = saved.pruning_seconds
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        output = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is None:
+            warnings.warn(
+                f"load_best_model_at_end: no checkpoint could be the best model ({NO_CANDIDATE}), so the model is the "
+                "last step's. Evaluate and save after pruning ends (eval_steps, save_steps), or raise "
+                "max_accuracy_drop.",
+                stacklevel=2,
+            )
+        return output
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save the constrained state (identical on every process), then the Trainer checkpoint beside it: the
@@ -380,6 +394,21 @@ class CEAGTrainer(Trainer):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._evaluating_split = None
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        # `load_best_model_at_end` / `save_strategy="best"` may pick only a checkpoint at the final sparsity whose
+        # accuracy drop, on the split of `metric_for_best_model`, is within `max_accuracy_drop` (`model_selection`)
+        schedule = self.schedule
+        metric, end = self.args.metric_for_best_model, schedule.end if schedule is not None else None
+        why = (
+            not_a_candidate(self.state.global_step, end, metrics, metric, self.args.max_accuracy_drop)
+            if metric
+            else ""
+        )
+        if why:
+            logger.info(f"Step {self.state.global_step} cannot be the best model: {why}.")
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def _metrics_with_groups(self, prediction: EvalPrediction) -> dict[str, float]:
         # the user's compute_metrics, then per-group accuracy (and ψ_g against the dense model) from the same pass

@@ -320,6 +320,7 @@ def build_model_card(
         buffer_size=training.get("buffer_size", ""),
         dual_lr=training.get("dual_lr", ""),
         constraint_margin=training.get("constraint_margin", 0.0),
+        selected=report.get("selected_checkpoint"),
         epochs=training.get("epochs", ""),
         group_columns=", ".join(training.get("group_columns", [])),
     )

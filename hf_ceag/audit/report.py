@@ -210,7 +210,8 @@ def group_metrics(
     groups: torch.Tensor, dense_correct: torch.Tensor | None, correct: torch.Tensor, group_index, tolerance: float
 ) -> dict[str, float]:
     """`evaluate()`'s per-group figures from one prediction pass: `accuracy` and `accuracy/<group>`; with the
-    dense model's per-sample correctness on the same rows, also `max_excess_gap` and `excess_gap/<group>`."""
+    dense model's per-sample correctness on the same rows, also `accuracy_drop` (dense − sparse, overall),
+    `max_excess_gap` and `excess_gap/<group>`."""
     dense = dense_correct
     if dense is None or dense.numel() != correct.numel():
         dense = correct  # no dense predictions for this data: accuracies only, ψ_g = 0
@@ -222,6 +223,7 @@ def group_metrics(
     for group in data["groups"]:
         metrics[f"accuracy/{group['name']}"] = group["accuracy_sparse"]
     if dense is not correct:
+        metrics["accuracy_drop"] = data["accuracy_drop"]
         metrics["max_excess_gap"] = data["max_excess_gap"]
         for group in data["groups"]:
             metrics[f"excess_gap/{group['name']}"] = group["excess_gap"]

@@ -14,6 +14,7 @@ from ..constraints.reference import DenseReference, check_dense_model_is_trained
 from ..data.batch_sizes import check_batch_norm_batches
 from ..data.encoding import check_label_values, warn_small_groups
 from ..data.prepared import count_declared_groups
+from ..model_selection import selected_checkpoint, selection_split
 from .model_card import run_model_card, violation_warning, write_model_folder_extras
 from .predictions import predict_every_row
 from .report import group_metrics, run_report, save_report, split_report
@@ -83,6 +84,15 @@ def audit_run(trainer) -> dict[str, Any]:
         args, reports, trainer.pruner, index, trainer.problem, round(trainer.pruning_seconds, 3),
         dense_parent_sparsity=trainer.dense_reference.parent_sparsity,
     )  # fmt: skip
+    selected = selected_checkpoint(args, trainer.state)
+    if selected is not None:  # the audited weights are that checkpoint's, not the last step's
+        report["selected_checkpoint"] = selected
+        split = selected["split"] = selection_split(selected["metric"], list(reports))
+        if split is not None:
+            report["split_rows"][split] += (
+                f"; the checkpoint was chosen for its {selected['metric']} on these rows, so their figures are "
+                "optimistic: read those of a split that took no part in training or selection"
+            )
     note = trainer.data.train_audit_note
     if note:  # the training rows were read through another transform than their own, or through a random one
         report["train_audit"] = note

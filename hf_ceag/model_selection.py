@@ -1,0 +1,68 @@
+"""Which checkpoints `load_best_model_at_end` (or `save_strategy="best"`) may pick, and what the report says about
+the one it picked.
+
+The Trainer's own rule keeps the checkpoint whose `metric_for_best_model` is best. On a pruning run two kinds of
+checkpoint must never win, whatever the metric says:
+* one taken before the pruning schedule ended: it is less sparse than `target_sparsity` (its loss, and often its
+  max ψ_g, are lower *because* it is less pruned), so the published model would miss the sparsity asked for;
+* one whose overall accuracy on an evaluated split fell by more than `max_accuracy_drop` from the dense model's:
+  ψ_g is relative, so a model that lost accuracy everywhere has small excess gaps, and the publishing gate would
+  refuse it anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# what `not_a_candidate` rules out, as the warning for a run where nothing qualified says it
+NO_CANDIDATE = "none was evaluated and saved at the final sparsity with its accuracy drop within max_accuracy_drop"
+ACCURACY_DROP = "accuracy_drop"  # the per-split metric `evaluate()` adds: dense accuracy − sparse accuracy
+
+
+def not_a_candidate(
+    step: int, pruning_end: int | None, metrics: dict[str, float], metric: str, max_accuracy_drop: float
+) -> str:
+    """Why the checkpoint of optimizer step `step`, evaluated as `metrics`, cannot be the best model by `metric`
+    (`metric_for_best_model`) ('' if it can): pruning (whose schedule reaches its final sparsity at step
+    `pruning_end`) has not ended, or the accuracy drop of the split `metric` is measured on exceeds
+    `max_accuracy_drop`. With several eval splits, only that split's drop counts: a test split passed to `evaluate`
+    alongside a validation split must not take part in choosing the model."""
+    if pruning_end is not None and step < pruning_end:
+        return f"it is from before the final sparsity (pruning ends at step {pruning_end})"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    suffix = f"_{ACCURACY_DROP}"
+    drops = {k: v for k, v in metrics.items() if k.endswith(suffix) and "/" not in k}  # not a group's metric
+    own = [k for k in drops if metric.startswith(k[: -len(ACCURACY_DROP)])]  # "eval_" or "eval_<split>_"
+    if own:
+        key = max(own, key=len)
+        if drops[key] > max_accuracy_drop:
+            return (
+                f"its overall accuracy fell too far ({key} = {drops[key]:.4f} > max_accuracy_drop = "
+                f"{max_accuracy_drop:g})"
+            )
+    return ""
+
+
+def selected_checkpoint(args, state) -> dict[str, Any] | None:
+    """What `report.json` records when `load_best_model_at_end` loaded a checkpoint at the end of training: its
+    folder's name, step, the metric and its value; None when the final weights are the last step's."""
+    if not args.load_best_model_at_end or state.best_model_checkpoint is None:
+        return None
+    metric = args.metric_for_best_model
+    return {
+        "checkpoint": os.path.basename(os.path.normpath(state.best_model_checkpoint)),
+        "step": state.best_global_step,
+        "last_step": state.global_step,
+        "metric": metric if metric.startswith("eval_") else f"eval_{metric}",
+        "value": state.best_metric,
+        "greater_is_better": bool(args.greater_is_better),
+    }
+
+
+def selection_split(metric: str, splits: list[str]) -> str | None:
+    """The audited split (of `splits`: "eval" for a single eval dataset, else the names of the dict given as
+    `eval_dataset`) that `metric` (`eval_<split>_…`, or `eval_…` for a single one) is measured on, or None."""
+    prefixes = {name: "eval_" if name == "eval" else f"eval_{name}_" for name in splits if name != "train"}
+    matches = [name for name, prefix in prefixes.items() if metric.startswith(prefix)]
+    return max(matches, key=lambda name: len(prefixes[name])) if matches else None
