@@ -54,7 +54,7 @@ from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
 from .data.prepared import PreparedData, named_splits
 from .data.streaming import first_rows, is_streamed
-from .model_selection import NO_CANDIDATE, not_a_candidate
+from .model_selection import NO_CANDIDATE, check_selection_metric, not_a_candidate
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.cpu_bf16 import protect_for_cpu_bf16
 from .models.rgb_input import narrow_for_grayscale_data
@@ -194,6 +194,7 @@ class CEAGTrainer(Trainer):
         """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
         the pruning schedule, then run `Trainer.train`."""
         self.pruning.resolve(self.data.train_rows)
+        check_selection_metric(self.args, list(self._eval_splits()) if self.eval_dataset is not None else [])
         streamed, collator = is_streamed(self.train_dataset), self.data_collator
         collator = self._get_collator_with_removed_columns(collator, "training") if streamed else collator
         rows = first_rows(self._remove_unused_columns(self.train_dataset, "training"), 2)

@@ -66,3 +66,21 @@ def selection_split(metric: str, splits: list[str]) -> str | None:
     prefixes = {name: "eval_" if name == "eval" else f"eval_{name}_" for name in splits if name != "train"}
     matches = [name for name, prefix in prefixes.items() if metric.startswith(prefix)]
     return max(matches, key=lambda name: len(prefixes[name])) if matches else None
+
+
+def check_selection_metric(args, eval_splits: list[str]) -> None:
+    """Refuse, before training, `metric_for_best_model` that no evaluation would report: with several eval splits
+    (a dict as `eval_dataset`) the Trainer names every metric `eval_<split>_…`, so the metric must name its split
+    (else the Trainer fails at the first evaluation, after training has begun)."""
+    selecting = args.load_best_model_at_end or args.save_strategy == "best"
+    if not selecting or args.metric_for_best_model is None or not eval_splits or "eval" in eval_splits:
+        return
+    metric = args.metric_for_best_model
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if selection_split(metric, eval_splits) is None:
+        example = next((name for name in eval_splits if name != "test"), eval_splits[0])
+        raise ValueError(
+            f"metric_for_best_model={args.metric_for_best_model!r}: with eval_dataset a dict of splits "
+            f"{eval_splits}, every metric is named after its split. Name the split to choose the checkpoint on, "
+            f"e.g. metric_for_best_model='{example}_max_excess_gap' (with greater_is_better=False)."
+        )

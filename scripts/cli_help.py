@@ -29,7 +29,7 @@ HELP_GROUPS: dict[str, tuple[str, str]] = {
         "",
         (
             "dataset_name data_dir group_columns group_names streaming class_names image_column label_column "
-            "image_size test_size digits_variant"
+            "image_size test_size validation_split digits_variant"
         ),
     ),
     "model and methods": (

@@ -47,9 +47,10 @@ from hf_ceag import (
     load_styled_digits_dataset,
 )
 from hf_ceag.ceag_config import has_accelerator
-from hf_ceag.data.encoding import check_stream_run
+from hf_ceag.data.encoding import check_stream_run, validation_rows
 from hf_ceag.data.groups import check_group_columns
 from hf_ceag.data.recipes import RECIPE_DATASETS, load_recipe_data
+from hf_ceag.model_selection import selection_split
 from hf_ceag.models.classifiers import load_classifier, save_loadable
 from hf_ceag.models.cpu_bf16 import protect_for_cpu_bf16
 
@@ -153,11 +154,16 @@ class DataArguments:
     image_size: int | None = field(
         default=None,
         metadata={
-            "help": "Images are resized to image_size × image_size (default: 16 for the embedded digits, 64 "
-            "otherwise)."
+            "help": "Images are resized to image_size × image_size (default: 16 for the digits, else 64)."
         },
     )
     test_size: float = field(default=0.25, metadata={"help": "Held-out fraction when the data has no test split."})
+    validation_split: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training rows (by group) kept out to choose a checkpoint on."
+        },
+    )
     digits_variant: str = field(
         default="styled",
         metadata={
@@ -168,8 +174,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Read --dataset_name as a stream: nothing is downloaded or held whole; needs --max_steps; no "
-            "test split: row i is a test row if i %% k == 0, k = round(1/test_size)."
+            "help": "Stream --dataset_name (nothing held whole; needs --max_steps); row i is a test row if "
+            "i %% k == 0, k = round(1/test_size)."
         },
     )
     class_names: list[str] | None = field(
@@ -187,6 +193,13 @@ class DataArguments:
                 "--class_names names the classes of a streamed label column (--streaming true); without streaming, "
                 "class names are encoded from the column's values: drop --class_names."
             )
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(
+                f"--validation_split {self.validation_split} is outside [0, 1): give the share of training rows to "
+                "keep out for choosing a checkpoint, e.g. 0.2, or 0 for none."
+            )
+        if self.validation_split and self.streaming:
+            raise ValueError("--validation_split needs the training rows whole: drop it, or drop --streaming.")
         if self.streaming and (self.dataset_name is None or self.dataset_name in RECIPE_DATASETS):
             data = "the embedded digits" if self.dataset_name is None else f"the {self.dataset_name} recipe's data"
             raise ValueError(
@@ -330,6 +343,8 @@ def dense_model(
         hub_token=None,  # never pickled into the dense folder's training_args.bin
         push_to_hub=False,  # --push_to_hub publishes the pruned models, not their dense parent
         hub_model_id=None,
+        eval_strategy="no",  # the dense model is not chosen among checkpoints: the pruning runs are
+        load_best_model_at_end=False,
     )
     # a stream has no epochs: the dense model, as every run, trains for max_steps steps (check_streaming_run)
     train = data["train"].remove_columns([c for c in config.group_columns if c in data["train"].column_names])
@@ -357,9 +372,12 @@ def prune_with(
     processor,
     methods: list[str] | None = None,
     dataset_name: str | None = None,
+    validation_split: float = 0.0,
 ) -> dict:
     """Prune the dense model with one mitigation into OUTPUT_DIR/<method>: weights, config, image processor,
-    report.json, the model card README.md with its plot (naming `dataset_name`), and run_config.json."""
+    report.json, the model card README.md with its plot (naming `dataset_name`), and run_config.json. With
+    `validation_split`, that share of each group's training rows is kept out of training and evaluated as the
+    'validation' split (the dense model trained on every row)."""
     out = os.path.join(config.output_dir, method_folder(mitigation, config))
     args = dataclasses.replace(
         method_config(config, mitigation), output_dir=out, hub_model_id=hub_model_id(mitigation, config, methods)
@@ -368,11 +386,15 @@ def prune_with(
         print(f"\n--- Pruning with {method_folder(mitigation, config)} (mitigation {mitigation}) into {out}")
     set_seed(args.seed)
     model = load_classifier(dense_dir)  # CEAGTrainer makes a bf16 run on a CPU safe (models/cpu_bf16.py)
+    train, evaluated = data["train"], {"test": data["test"]}
+    if validation_split:  # the same rows for every method of the run: the split's seed is the run's
+        train, validation = validation_rows(train, config.group_columns, validation_split, config.seed)
+        evaluated = {"validation": validation, **evaluated}
     trainer = CEAGTrainer(
         model=model,
         args=args,
-        train_dataset=data["train"],
-        eval_dataset={"test": data["test"]},
+        train_dataset=train,
+        eval_dataset=evaluated,
         processing_class=processor,
     )
     trainer.reproduce_command = reproduce_command(sys.argv)
@@ -521,6 +543,23 @@ def resolve_methods(script: ScriptArguments, config: CEAGConfig, given: set[str]
     return methods
 
 
+def check_model_selection(script: DataArguments, config: CEAGConfig) -> None:
+    """Refuse, before any work, a run that would choose its checkpoint on the test split (whose figures would then
+    be optimistic, with no untouched split left to read): choosing needs --validation_split and a metric measured
+    on it."""
+    if not (config.load_best_model_at_end or config.save_strategy == "best"):
+        return
+    metric = config.metric_for_best_model
+    named = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if not script.validation_split or selection_split(named, ["validation", "test"]) != "validation":
+        raise ValueError(
+            f"--load_best_model_at_end (or --save_strategy best) with --metric_for_best_model {metric} and "
+            f"--validation_split {script.validation_split:g}: the checkpoint must be chosen on a validation split, "
+            "never on the test split. Pass --validation_split 0.2 --metric_for_best_model "
+            "validation_max_excess_gap --greater_is_better false (or another validation_ metric)."
+        )
+
+
 def check_streaming_run(config: CEAGConfig, methods: list[str]) -> None:
     """Refuse, before any data is read, a --streaming run that a stream cannot give: without --max_steps (a stream
     has no length, so no epochs), or what `CEAGTrainer` refuses on a stream (a schedule in epochs, held-out duals,
@@ -565,6 +604,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     given = _given(argv)
     methods = resolve_methods(script, config, given)
     config = _keep_global_batch(config, given)
+    check_model_selection(script, config)
     if script.streaming:
         check_streaming_run(config, methods)
     start = time.time()
@@ -576,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     dense_dir = dense_model(script, config, data, channels, processor)
     reports = {
         method_folder(m, config): prune_with(
-            m, dense_dir, config, data, processor, methods, card_dataset_name(script)
+            m, dense_dir, config, data, processor, methods, card_dataset_name(script), script.validation_split
         )
         for m in methods
     }

@@ -25,6 +25,31 @@ CLI_MISTAKES = [
     (["--target_sparsity", "1.5"], ["target_sparsity=1.5", "0.9 for 90 %"]),
     (["--tolerance", "-0.1"], ["tolerance=-0.1", "fraction >= 0"]),
     (["--group_columns", "grup"], ["'grup' is not in the train dataset", "'group'"]),
+    (["--validation_split", "1"], ["--validation_split 1", "e.g. 0.2"]),
+    (  # choosing the checkpoint on the test split would make its figures optimistic
+        ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
+        [
+            "--metric_for_best_model loss",
+            "--validation_split 0",
+            "never on the test split",
+            "--validation_split 0.2",
+        ],
+    ),
+    (
+        [
+            "--eval_strategy",
+            "epoch",
+            "--save_strategy",
+            "epoch",
+            "--load_best_model_at_end",
+            "true",
+            "--validation_split",
+            "0.2",
+            "--metric_for_best_model",
+            "test_max_excess_gap",
+        ],
+        ["--metric_for_best_model test_max_excess_gap", "validation_max_excess_gap"],
+    ),
 ]
 
 

@@ -126,3 +126,37 @@ def test_the_default_data_runs_through_the_cli_with_large_groups(tmp_path):
     assert reports["ceag"]["sparsity"] == pytest.approx(run_ceag.RECIPE_DEFAULTS["target_sparsity"], abs=1e-3)
     made = json.loads((out / "dense" / run_ceag.DENSE_RECORD).read_text())
     assert made["digits_variant"] == "styled" and made["seed"] == 0
+
+
+def test_choosing_the_checkpoint_on_a_validation_split_from_the_cli(tmp_path):
+    """`--validation_split` keeps a share of each group's training rows out of the pruning run; the checkpoint is
+    chosen on them, at the final sparsity, and the test split takes no part."""
+    out = tmp_path / "chosen"
+    reports = run_ceag.main(
+        ["--output_dir", str(out), *FAST, "--methods", "ceag", "--validation_split", "0.25", "--eval_strategy", "epoch",
+         "--save_strategy", "epoch", "--load_best_model_at_end", "true", "--metric_for_best_model",
+         "validation_max_excess_gap", "--greater_is_better", "false", "--target_sparsity", "0.5"]
+    )  # fmt: skip
+    report = reports["ceag"]
+    assert list(report["splits"]) == ["train", "validation", "test"]
+    from hf_ceag import load_digits_dataset
+
+    train = load_digits_dataset(image_size=16, seed=0, rare_groups=(3, 8))["train"]
+    for g in range(10):  # every training row is on exactly one side, each group's split 75 / 25
+        rows = sum(1 for x in train["group"] if x == g)
+        n = {split: report["splits"][split]["groups"][g]["n"] for split in ("train", "validation")}
+        assert n["train"] + n["validation"] == rows and n["validation"] == round(0.25 * rows)
+    # the Trainer's record of each evaluation (in the last checkpoint): the best validation max ψ_g within
+    # max_accuracy_drop (pruning ends with the first epoch, the first evaluation) is the checkpoint loaded
+    last = max(out.glob("ceag/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    evals = {h["step"]: h for h in history if "eval_validation_max_excess_gap" in h}
+    assert len(evals) == 3 and "from step 0 to " + str(min(evals)) in (out / "ceag" / "README.md").read_text()
+    allowed = [s for s, h in evals.items() if h["eval_validation_accuracy_drop"] <= 0.1]
+    expected = min(allowed, key=lambda s: (evals[s]["eval_validation_max_excess_gap"], s))
+    selected = report["selected_checkpoint"]
+    assert (selected["step"], selected["split"]) == (expected, "validation")
+    # the audit of the loaded weights gives the figure the checkpoint was chosen for
+    assert report["splits"]["validation"]["max_excess_gap"] == pytest.approx(
+        evals[expected]["eval_validation_max_excess_gap"], abs=1e-9
+    )

@@ -132,3 +132,24 @@ def test_selecting_on_a_validation_split_carved_from_the_training_rows(make_conf
     assert report["splits"]["validation"]["groups"][0]["n"] + report["splits"]["train"]["groups"][0]["n"] == sum(
         1 for g in digits["train"]["group"] if g == 0
     )
+
+
+def test_a_metric_no_split_reports_is_refused_before_training(make_config, digits, tiny_model, tmp_path):
+    from hf_ceag import CEAGTrainer
+
+    config = make_config(
+        output_dir=str(tmp_path / "out"),
+        max_steps=24,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        load_best_model_at_end=True,
+    )  # fmt: skip  (metric_for_best_model: the Trainer's default, "loss")
+    evaluated = {"validation": digits["test"], "test": digits["test"]}
+    trainer = CEAGTrainer(tiny_model, config, train_dataset=digits["train"], eval_dataset=evaluated)
+    with pytest.raises(
+        ValueError, match="metric_for_best_model='loss'.*e.g. metric_for_best_model='validation_max"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "out").glob("*"))  # nothing written yet

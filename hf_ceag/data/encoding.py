@@ -126,12 +126,30 @@ def warn_small_groups(index: GroupIndex, buffer_size: int) -> None:
 def hold_out_rows(
     dataset: datasets.Dataset, fraction: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split an encoded training set into (primal rows, held-out rows), stratified by group: each group keeps
-    round(fraction · n_g) of its rows out, chosen by a permutation seeded with `seed`; both parts stay in the
-    original row order. Refused when a group would have no row on either side."""
+    """Split an encoded training set into (primal rows, held-out rows), stratified by group (`stratified_rows`)."""
     from .groups import GROUP_ID_COLUMN
 
     ids = torch.as_tensor(dataset.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
+    kept, held = stratified_rows(ids, fraction, seed, "constraint_split", "the primal step or the dual step")
+    return dataset.select(kept), dataset.select(held)
+
+
+def validation_rows(
+    dataset: datasets.Dataset, group_columns: list[str], fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split a training set into (training rows, validation rows), stratified by group (the combination of the
+    `group_columns` values: `stratified_rows`)."""
+    values = zip(*(dataset.with_format(None)[column] for column in group_columns))
+    keys: dict[tuple, int] = {}
+    ids = torch.tensor([keys.setdefault(tuple(v), len(keys)) for v in values], dtype=torch.long)
+    kept, held = stratified_rows(ids, fraction, seed, "validation_split", "training or validation")
+    return dataset.select(kept), dataset.select(held)
+
+
+def stratified_rows(ids: torch.Tensor, fraction: float, seed: int, field: str, sides: str) -> tuple[list, list]:
+    """The row numbers (kept, held out) of a split that holds out round(fraction · n_g) of each group's rows
+    (`ids`: a group id per row), chosen by a permutation seeded with `seed`; both lists in row order. Refused
+    (naming `field`) when a group would have no row on either side (`sides` says which)."""
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
     held = []
     for group in ids.unique().tolist():  # once, before training
@@ -139,15 +157,15 @@ def hold_out_rows(
         k = round(fraction * rows.numel())
         if not 0 < k < rows.numel():
             raise ValueError(
-                f"constraint_split={fraction}: group id {group} has {rows.numel()} training rows, so {k} would be "
-                "held out and the primal step or the dual step would see none of it. Use a split fraction that "
-                "leaves rows on both sides, or merge small groups."
+                f"{field}={fraction}: group id {group} has {rows.numel()} training rows, so {k} would be "
+                f"held out and {sides} would see none of it. Use a split fraction that leaves rows on both sides, "
+                "or merge small groups."
             )
         held.append(rows[:k])
     held_rows = torch.cat(held).sort().values
-    primal = torch.ones(len(ids), dtype=torch.bool)
-    primal[held_rows] = False
-    return dataset.select(primal.nonzero().flatten().tolist()), dataset.select(held_rows.tolist())
+    kept = torch.ones(len(ids), dtype=torch.bool)
+    kept[held_rows] = False
+    return kept.nonzero().flatten().tolist(), held_rows.tolist()
 
 
 PACKAGED_BUILDERS = ("imagefolder", "csv", "json", "parquet", "arrow", "text", "webdataset", "generator")
