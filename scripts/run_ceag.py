@@ -153,16 +153,12 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the class labels."})
     image_size: int | None = field(
         default=None,
-        metadata={
-            "help": "Images are resized to image_size × image_size (default: 16 for the digits, else 64)."
-        },
+        metadata={"help": "Images are resized to image_size × image_size (default: 16 for the digits, else 64)."},
     )
     test_size: float = field(default=0.25, metadata={"help": "Held-out fraction when the data has no test split."})
     validation_split: float = field(
         default=0.0,
-        metadata={
-            "help": "Share of training rows (by group) kept out to choose a checkpoint on."
-        },
+        metadata={"help": "Share of training rows (by group) kept out to choose a checkpoint on."},
     )
     digits_variant: str = field(
         default="styled",
