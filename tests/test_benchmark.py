@@ -132,6 +132,8 @@ def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
         "--sgd_dual_lrs",
         "--constraint_margins",
         "0.01",
+        "--validation_splits",
+        "0.2",
     ]
     benchmark.main([*argv, "--output", str(output), "--work_dir", str(tmp_path / "work")])
     text = output.read_text()
@@ -148,6 +150,7 @@ def test_generalisation_section_runs_and_rewrites_only_its_block(tmp_path):
         "CEAG, held-out duals (20% of rows), dual lr 0.005",
         "CEAG, nuPI duals, dual lr 1",
         "CEAG, training margin δ 0.01 (trains at ε − δ)",
+        "CEAG, checkpoint chosen on a validation split (20% of rows)",
     }
     assert all(math.isfinite(v) for values in rows.values() for v in values)
 

@@ -23,7 +23,7 @@ from hf_ceag.benchmarks.generalisation import (
 
 SETTINGS = SimpleNamespace(
     constraint_splits=[0.2], held_out_dual_lrs=[0.005, 0.0175], nupi_dual_lrs=[1.0], sgd_dual_lrs=[0.0175, 0.05],
-    constraint_margins=[0.01], default_seeds=[0, 1, 2, 3, 4], default_threads=[1, 2], default_flags=[],
+    constraint_margins=[0.01], validation_splits=[0.2], default_seeds=[0, 1, 2, 3, 4], default_threads=[1, 2], default_flags=[],
 )  # fmt: skip
 RECIPE = SimpleNamespace(defaults={"dual_lr": 0.0175})
 
@@ -70,11 +70,15 @@ def test_variants_are_one_lever_at_a_time():
         "nupi-1",
         "sgd-0.05",
         "margin-0.01",
+        "validation-0.2",
     ]  # fmt: skip  (SGD at the recipe's own dual lr is the CEAG row, not run twice)
     assert found[2].flags == ("--constraint_split", "0.2", "--dual_lr", "0.005") and found[2].method == "ceag"
     assert found[3].flags == ("--constraint_split", "0.2")
     assert found[4].flags == ("--dual_optimizer", "nupi", "--dual_lr", "1")
     assert found[6].flags == ("--constraint_margin", "0.01") and found[0].method == "nft"
+    chosen = found[7].flags
+    assert chosen[:2] == ("--validation_split", "0.2") and found[7].method == "ceag"
+    assert chosen[chosen.index("--metric_for_best_model") + 1] == "validation_max_excess_gap"
 
 
 def test_criteria_are_counted_per_seed_against_that_seeds_nft():

@@ -29,6 +29,15 @@ START, END = (
 )
 
 
+# choose, among the checkpoints of every epoch at the final sparsity, the one with the smallest max ψ_g on the
+# validation split (`model_selection`: within max_accuracy_drop of the dense model's accuracy there)
+SELECTION_FLAGS = (
+    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_only_model", "true",
+    "--load_best_model_at_end", "true", "--metric_for_best_model", "validation_max_excess_gap",
+    "--greater_is_better", "false",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Variant:
     """One configuration of part 5: its name, label and the run_ceag flags that make it."""
@@ -41,7 +50,7 @@ class Variant:
 
 def variants(settings, recipe: Recipe) -> list[Variant]:
     """NFT, CEAG (the recipe), then one lever at a time: held-out duals at each (split, dual lr), nuPI and SGD duals
-    at their dual lrs, each training margin."""
+    at their dual lrs, each training margin, the checkpoint chosen on each validation split."""
     lr = recipe.defaults["dual_lr"]
     found = [Variant("nft", "NFT", (), "nft"), Variant("ceag", f"CEAG (default: SGD duals, dual lr {lr:g})", ())]
     for split in settings.constraint_splits:
@@ -74,6 +83,14 @@ def variants(settings, recipe: Recipe) -> list[Variant]:
                 f"margin-{margin:g}",
                 f"CEAG, training margin δ {margin:g} (trains at ε − δ)",
                 ("--constraint_margin", f"{margin:g}"),
+            )
+        )
+    for split in settings.validation_splits:
+        found.append(
+            Variant(
+                f"validation-{split:g}",
+                f"CEAG, checkpoint chosen on a validation split ({split:.0%} of rows)",
+                ("--validation_split", f"{split:g}", *SELECTION_FLAGS),
             )
         )
     return found

@@ -53,6 +53,7 @@ def full_settings(recipe: Recipe) -> dict[str, Any]:
         "nupi_dual_lrs": [1.0],
         "sgd_dual_lrs": [0.05],
         "constraint_margins": [0.01, 0.02],
+        "validation_splits": [0.2],  # part 5: the checkpoint chosen on a validation split of the training rows
         "streaming_rows": [50_000, 200_000],
         "streaming_map_rows": [10_000, 200_000],
         "streaming_eval_rows": 2_000,
@@ -186,6 +187,12 @@ def parse_settings(
     )
     parser.add_argument(
         "--constraint_margins", type=float, nargs="*", help="Training margins δ of part 5 (constraint_margin)."
+    )
+    parser.add_argument(
+        "--validation_splits",
+        type=float,
+        nargs="*",
+        help="Part 5: shares of the training rows kept out to choose the checkpoint on (run_ceag --validation_split).",
     )
     parser.add_argument(
         "--streaming_section",
