@@ -5,9 +5,10 @@ The Trainer's own rule keeps the checkpoint whose `metric_for_best_model` is bes
 checkpoint must never win, whatever the metric says:
 * one taken before the pruning schedule ended: it is less sparse than `target_sparsity` (its loss, and often its
   max ψ_g, are lower *because* it is less pruned), so the published model would miss the sparsity asked for;
-* one whose overall accuracy on an evaluated split fell by more than `max_accuracy_drop` from the dense model's:
-  ψ_g is relative, so a model that lost accuracy everywhere has small excess gaps, and the publishing gate would
-  refuse it anyway.
+* one whose overall accuracy, on the split the metric is measured on, fell by more than `max_accuracy_drop` from
+  the dense model's there: ψ_g is relative, so a model that lost accuracy everywhere has small excess gaps, and
+  the publishing gate would refuse it anyway. (Only that split's drop counts: a test split evaluated alongside
+  must take no part in the choice.)
 """
 
 from __future__ import annotations
