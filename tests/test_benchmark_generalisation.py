@@ -163,9 +163,13 @@ def test_runs_are_reused_only_from_the_same_finished_command(tmp_path):
 
 
 def test_section_is_one_block_merged_before_the_device_sections(tmp_path):
-    text = generalisation_section(SETTINGS, ["--generalisation_section"], rows(), 600, "abc1234", "today", "cpu")
+    made = rows()
+    made[-1]["chosen"] = {"step": 540, "last_step": 900}  # a run that loaded its best checkpoint says which
+    text = generalisation_section(SETTINGS, ["--generalisation_section"], made, 600, "abc1234", "today", "cpu")
     assert text.startswith(START) and text.endswith(END)
     assert "| 2 | 1 | margin | +0.0140 | +0.0120 | +0.0420 | 0.50 | 0.9470 | 0.50 | 60 |" in text
+    assert "| 2 | 1 | nuPI 1: step 540 of 900 | +0.0020 |" in text
+    assert f"add up to {60 * len(made) / 3600:.1f} h" in text
     path = tmp_path / "BENCHMARKS.md"
     path.write_text(f"# Benchmarks\n\npart 4\n\n{DEVICE_START}\n\ngpu\n\n<!-- /device-sections -->\n")
     merge_section(str(path), text)

@@ -216,6 +216,7 @@ def _row(seed: int, variant: Variant, folder: str, seconds: float | None) -> dic
         "test_accuracy": test["accuracy_sparse"],
         "max_multiplier": max(multipliers, default=0.0),
         "seconds": seconds,
+        "chosen": report.get("selected_checkpoint"),  # load_best_model_at_end: the checkpoint loaded
     }
 
 
@@ -339,8 +340,10 @@ def generalisation_section(settings, argv: list[str], rows: list[dict], seconds:
     for r in rows:
         wall = f"{r['seconds']:.0f}" if r["seconds"] is not None else "(not recorded)"
         upper = f"{r['test_max_upper']:+.4f}" if r["test_max_upper"] is not None else "—"
+        chosen = r.get("chosen")
+        label = r["label"] + (f": step {chosen['step']} of {chosen['last_step']}" if chosen else "")
         per_run.append(
-            f"| {r['threads']} | {r['seed']} | {r['label']} | {r['train_max']:+.4f} | {r['test_max']:+.4f} | {upper} "
+            f"| {r['threads']} | {r['seed']} | {label} | {r['train_max']:+.4f} | {r['test_max']:+.4f} | {upper} "
             f"| {r['test_over']:.2f} | {r['test_accuracy']:.4f} | {r['max_multiplier']:.2f} | {wall} |"
         )
     flags = " ".join(settings.default_flags)
@@ -353,6 +356,7 @@ def generalisation_section(settings, argv: list[str], rows: list[dict], seconds:
                 f"- Command: `python scripts/benchmark.py {' '.join(argv)}`\n- Date: {when}; commit {head}\n"
                 f"- Machine: {machine}\n- Run time: {seconds / 60:.0f} min"
                 + (f" ({reused} of {len(rows)} rows from runs reused from --work_dir)" if reused else "")
+                + f"; the runs' own wall times add up to {sum(r['seconds'] or 0 for r in rows) / 3600:.1f} h"
             ),
             (
                 f"The default recipe (`python scripts/run_ceag.py --seed S{' ' + flags if flags else ''}`), seeds "
@@ -362,7 +366,11 @@ def generalisation_section(settings, argv: list[str], rows: list[dict], seconds:
                 "keep the given share of the training rows (stratified by group) out of the primal step and take the "
                 "dual step's estimates from the model's predictions on them; their 'train' figures are on the rows "
                 "the primal step trained on. A training margin δ constrains ψ_g ≤ ε − δ while training; reports "
-                "judge at ε. Test = the recipe's test split, never trained on. Mean ± std over seeds; the count "
+                "judge at ε. A checkpoint chosen on a validation split keeps the given share of the training rows "
+                "(stratified by group) out of the pruning run, evaluates and saves every epoch, and loads the "
+                "checkpoint at the final sparsity with the smallest validation max ψ_g (within max_accuracy_drop); "
+                "its 'train' figures are on the rows it trained on, and the dense model trained on every row, the "
+                "validation rows included. Test = the recipe's test split, never trained on. Mean ± std over seeds; the count "
                 "columns say in how many seeds a criterion holds (accuracy against NFT's on the same seed and "
                 "thread count); 95 % bound = the largest upper end over the test groups of the 95 % bootstrap "
                 "interval of ψ_g (`excess_gap_ci` in report.json); final max λ_g = the largest multiplier when "
