@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from typing import Any
 
 import datasets
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
 
 from .audit.predictions import predict_every_row
 from .audit.trainer_audit import (
@@ -54,15 +52,13 @@ from .data.groups import GROUP_ID_COLUMN, group_counts
 from .data.images import keep_columns_after_transform
 from .data.prepared import PreparedData, named_splits
 from .data.streaming import first_rows, is_streamed
-from .model_selection import NO_CANDIDATE, check_selection_metric, not_a_candidate
+from .model_selection import NothingChosenWarning, check_selection_metric, may_be_best
 from .models.classifiers import classifier_logits, make_timm_loadable, save_loadable
 from .models.cpu_bf16 import protect_for_cpu_bf16
 from .models.rgb_input import narrow_for_grayscale_data
 from .pruning.controller import PruningController
 from .pruning.magnitude import MagnitudePruner, dense_parent_sparsity, prunable_parameters
 from .pruning.schedule import CubicSchedule
-
-logger = logging.get_logger(__name__)
 
 __all__ = ["CEAGTrainer", "NonFiniteGuard"]
 
@@ -72,9 +68,7 @@ class CEAGTrainer(Trainer):
 
     Takes every `Trainer` argument; `args` must be a `CEAGConfig`, and `train_dataset` a `datasets.Dataset` (or a
     stream, `datasets.IterableDataset`, with `max_steps`: `data.streaming`) with the columns named in
-    `args.group_columns`. Pass `dense_reference` to reuse dense statistics computed earlier (they must describe the
-    same training groups).
-    """
+    `args.group_columns`. Pass `dense_reference` to reuse dense statistics computed earlier (of the same groups)."""
 
     # While training, compute_loss normalises by the whole optimizer step's batch (all micro-batches and
     # processes), so the Trainer must not divide it again by the gradient accumulation steps.
@@ -134,11 +128,9 @@ class CEAGTrainer(Trainer):
             reduce=lambda t: self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t,
             verbose=self.is_local_process_zero() and not config.disable_tqdm,
         )  # fmt: skip
-        self.add_callback(self.pruning)
-        self.add_callback(
-            DualStepUndo(lambda: self.constrained_step, lambda: self.accelerator.optimizer_step_was_skipped)
-        )
-        self.add_callback(NonFiniteGuard())
+        undo = DualStepUndo(lambda: self.constrained_step, lambda: self.accelerator.optimizer_step_was_skipped)
+        for callback in (self.pruning, undo, NonFiniteGuard(), NothingChosenWarning()):
+            self.add_callback(callback)
         self.non_finite = NonFiniteWatch()  # every step's loss, read at each log and save and at the end
 
     @property
@@ -162,8 +154,7 @@ class CEAGTrainer(Trainer):
 
     @property
     def constraints_active(self) -> bool:
-        """Whether the current step is constrained: a mitigation is set and pruning has ended (or
-        `mitigate_during_pruning`)."""
+        """Whether the current step is constrained: a mitigation is set, pruning has ended (or is mitigated)."""
         return self.pruning.constraints_active(self.state.global_step)
 
     # ---- datasets ----
@@ -194,7 +185,7 @@ class CEAGTrainer(Trainer):
         """Set up the constrained state (computed once, or restored from the checkpoint being resumed) and
         the pruning schedule, then run `Trainer.train`."""
         self.pruning.resolve(self.data.train_rows)
-        check_selection_metric(self.args, list(self._eval_splits()) if self.eval_dataset is not None else [])
+        check_selection_metric(self.args, list(self._eval_splits()))  # a metric no eval split reports
         streamed, collator = is_streamed(self.train_dataset), self.data_collator
         collator = self._get_collator_with_removed_columns(collator, "training") if streamed else collator
         rows = first_rows(self._remove_unused_columns(self.train_dataset, "training"), 2)
@@ -231,15 +222,7 @@ class CEAGTrainer(Trainer):
         if saved is not None:
             saved.restore(self.problem, self.dual_optimizer, self.pruner)
             self.pruning.seconds = saved.pruning_seconds
-        output = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
-        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is None:
-            warnings.warn(
-                f"load_best_model_at_end: no checkpoint could be the best model ({NO_CANDIDATE}), so the model is the "
-                "last step's. Evaluate and save after pruning ends (eval_steps, save_steps), or raise "
-                "max_accuracy_drop.",
-                stacklevel=2,
-            )
-        return output
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save the constrained state (identical on every process), then the Trainer checkpoint beside it: the
@@ -396,20 +379,8 @@ class CEAGTrainer(Trainer):
         finally:
             self._evaluating_split = None
 
-    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
-        # `load_best_model_at_end` / `save_strategy="best"` may pick only a checkpoint at the final sparsity whose
-        # accuracy drop, on the split of `metric_for_best_model`, is within `max_accuracy_drop` (`model_selection`)
-        schedule = self.schedule
-        metric, end = self.args.metric_for_best_model, schedule.end if schedule is not None else None
-        why = (
-            not_a_candidate(self.state.global_step, end, metrics, metric, self.args.max_accuracy_drop)
-            if metric
-            else ""
-        )
-        if why:
-            logger.info(f"Step {self.state.global_step} cannot be the best model: {why}.")
-            return False
-        return super()._determine_best_metric(metrics, trial)
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:  # see `model_selection`
+        return may_be_best(self, metrics) and super()._determine_best_metric(metrics, trial)
 
     def _metrics_with_groups(self, prediction: EvalPrediction) -> dict[str, float]:
         # the user's compute_metrics, then per-group accuracy (and ψ_g against the dense model) from the same pass
@@ -421,9 +392,8 @@ class CEAGTrainer(Trainer):
     # ---- reports, model card, publishing ----
 
     def group_report(self) -> dict[str, Any]:
-        """Evaluate the pruned model on train and every eval split and compare it, group by group, with the
-        dense model's predictions recorded before training: the `report.json` document (also kept as
-        `self.report`)."""
+        """Evaluate the pruned model on train and every eval split and compare it, group by group, with the dense
+        model's predictions recorded before training: the `report.json` document (also kept as `self.report`)."""
         if not self.dense_correct:
             raise ValueError("group_report: call train() first (it records the dense model's predictions).")
         self.report = audit_run(self)

@@ -14,7 +14,13 @@ checkpoint must never win, whatever the metric says:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # what `not_a_candidate` rules out, as the warning for a run where nothing qualified says it
 NO_CANDIDATE = "none was evaluated and saved at the final sparsity with its accuracy drop within max_accuracy_drop"
@@ -43,6 +49,33 @@ def not_a_candidate(
                 f"{max_accuracy_drop:g})"
             )
     return ""
+
+
+def may_be_best(trainer, metrics: dict[str, float]) -> bool:
+    """Whether the checkpoint `trainer` (a `CEAGTrainer`) just evaluated as `metrics` may be the best model
+    (`not_a_candidate`); the log says why not."""
+    args, schedule, step = trainer.args, trainer.schedule, trainer.state.global_step
+    if args.metric_for_best_model is None:
+        return True
+    end = schedule.end if schedule is not None else None
+    why = not_a_candidate(step, end, metrics, args.metric_for_best_model, args.max_accuracy_drop)
+    if why:
+        logger.info(f"Step {step} cannot be the best model: {why}.")
+    return not why
+
+
+class NothingChosenWarning(TrainerCallback):
+    """At the end of training, warn when `load_best_model_at_end` found no checkpoint that could be the best model,
+    so that the model is the last step's."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint is None:
+            warnings.warn(
+                f"load_best_model_at_end: no checkpoint could be the best model ({NO_CANDIDATE}), so the model is the "
+                "last step's. Evaluate and save after pruning ends (eval_steps, save_steps), or raise "
+                "max_accuracy_drop.",
+                stacklevel=2,
+            )
 
 
 def selected_checkpoint(args, state) -> dict[str, Any] | None:
