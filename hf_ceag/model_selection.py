@@ -28,26 +28,25 @@ ACCURACY_DROP = "accuracy_drop"  # the per-split metric `evaluate()` adds: dense
 
 
 def not_a_candidate(
-    step: int, pruning_end: int | None, metrics: dict[str, float], metric: str, max_accuracy_drop: float
+    step: int,
+    pruning_end: int | None,
+    metrics: dict[str, float],
+    metric: str,
+    splits: list[str],
+    drop_limit: float,
 ) -> str:
-    """Why the checkpoint of optimizer step `step`, evaluated as `metrics`, cannot be the best model by `metric`
-    (`metric_for_best_model`) ('' if it can): pruning (whose schedule reaches its final sparsity at step
-    `pruning_end`) has not ended, or the accuracy drop of the split `metric` is measured on exceeds
-    `max_accuracy_drop`. With several eval splits, only that split's drop counts: a test split passed to `evaluate`
-    alongside a validation split must not take part in choosing the model."""
+    """Why the checkpoint of optimizer step `step`, evaluated as `metrics` on the eval `splits`, cannot be the best
+    model by `metric` (`metric_for_best_model`) ('' if it can): pruning (whose schedule reaches its final sparsity
+    at step `pruning_end`) has not ended, or the accuracy drop of the split `metric` is measured on
+    (`selection_split`) exceeds `drop_limit` (`max_accuracy_drop`). Only that split's drop counts: a test split
+    evaluated alongside a validation split must take no part in choosing the model."""
     if pruning_end is not None and step < pruning_end:
         return f"it is from before the final sparsity (pruning ends at step {pruning_end})"
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    suffix = f"_{ACCURACY_DROP}"
-    drops = {k: v for k, v in metrics.items() if k.endswith(suffix) and "/" not in k}  # not a group's metric
-    own = [k for k in drops if metric.startswith(k[: -len(ACCURACY_DROP)])]  # "eval_" or "eval_<split>_"
-    if own:
-        key = max(own, key=len)
-        if drops[key] > max_accuracy_drop:
-            return (
-                f"its overall accuracy fell too far ({key} = {drops[key]:.4f} > max_accuracy_drop = "
-                f"{max_accuracy_drop:g})"
-            )
+    split = selection_split(metric if metric.startswith("eval_") else f"eval_{metric}", splits)
+    key = f"eval_{ACCURACY_DROP}" if split == "eval" else f"eval_{split}_{ACCURACY_DROP}"
+    drop = metrics.get(key) if split is not None else None
+    if drop is not None and drop > drop_limit:
+        return f"its overall accuracy fell too far ({key} = {drop:.4f} > max_accuracy_drop = {drop_limit:g})"
     return ""
 
 
@@ -58,7 +57,8 @@ def may_be_best(trainer, metrics: dict[str, float]) -> bool:
     if args.metric_for_best_model is None:
         return True
     end = schedule.end if schedule is not None else None
-    why = not_a_candidate(step, end, metrics, args.metric_for_best_model, args.max_accuracy_drop)
+    splits = list(trainer._eval_splits())
+    why = not_a_candidate(step, end, metrics, args.metric_for_best_model, splits, args.max_accuracy_drop)
     if why:
         logger.info(f"Step {step} cannot be the best model: {why}.")
     return not why

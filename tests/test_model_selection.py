@@ -11,16 +11,22 @@ from hf_ceag.model_selection import not_a_candidate, selection_split
 
 def test_not_a_candidate_by_hand():
     fine = {"eval_loss": 0.3, "eval_accuracy_drop": 0.02, "eval_accuracy/a_accuracy_drop": 0.9}
-    assert not_a_candidate(10, 10, fine, "loss", 0.1) == ""  # the step pruning ends at is at the final sparsity
-    assert not_a_candidate(10, None, fine, "eval_loss", 0.1) == ""  # no schedule: nothing to wait for
-    assert "pruning ends at step 11" in not_a_candidate(10, 11, fine, "loss", 0.1)
-    assert "eval_accuracy_drop = 0.0200 > max_accuracy_drop = 0.01" in not_a_candidate(10, 10, fine, "loss", 0.01)
+    one = ["eval"]  # a single eval dataset
+    assert (
+        not_a_candidate(10, 10, fine, "loss", one, 0.1) == ""
+    )  # the step pruning ends at is at the final sparsity
+    assert not_a_candidate(10, None, fine, "eval_loss", one, 0.1) == ""  # no schedule: nothing to wait for
+    assert "pruning ends at step 11" in not_a_candidate(10, 11, fine, "loss", one, 0.1)
+    assert "eval_accuracy_drop = 0.0200 > max_accuracy_drop = 0.01" in not_a_candidate(
+        10, 10, fine, "loss", one, 0.01
+    )
     # several eval splits: only the drop of the split the metric is measured on counts (never the test split's)
     two = {"eval_val_accuracy_drop": 0.02, "eval_test_accuracy_drop": 0.05, "eval_val_b_accuracy_drop": 0.3}
-    assert not_a_candidate(20, 10, two, "val_max_excess_gap", 0.04) == ""
-    why = not_a_candidate(20, 10, two, "eval_test_max_excess_gap", 0.04)
+    splits = ["val", "test", "val_b"]
+    assert not_a_candidate(20, 10, two, "val_max_excess_gap", splits, 0.04) == ""
+    why = not_a_candidate(20, 10, two, "eval_test_max_excess_gap", splits, 0.04)
     assert "eval_test_accuracy_drop = 0.0500 > max_accuracy_drop = 0.04" in why
-    assert "eval_val_b_accuracy_drop = 0.3000" in not_a_candidate(20, 10, two, "val_b_loss", 0.04)
+    assert "eval_val_b_accuracy_drop = 0.3000" in not_a_candidate(20, 10, two, "val_b_loss", splits, 0.04)
     # the audited split a metric is measured on: the longest name that prefixes it
     assert selection_split("eval_step_metric", ["train", "eval"]) == "eval"
     assert selection_split("eval_val_b_loss", ["train", "val", "val_b", "test"]) == "val_b"

@@ -137,11 +137,12 @@ def hold_out_rows(
 def validation_rows(
     dataset: datasets.Dataset, group_columns: list[str], fraction: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split a training set into (training rows, validation rows), stratified by group (the combination of the
-    `group_columns` values: `stratified_rows`)."""
-    values = zip(*(dataset.with_format(None)[column] for column in group_columns))
-    keys: dict[tuple, int] = {}
-    ids = torch.tensor([keys.setdefault(tuple(v), len(keys)) for v in values], dtype=torch.long)
+    """Split a training set into (training rows, validation rows), stratified by group (`GroupIndex`'s groups of the
+    `group_columns`: `stratified_rows`)."""
+    from .groups import GROUP_ID_COLUMN, GroupIndex
+
+    encoded = GroupIndex.from_dataset(dataset, group_columns).encode(dataset, "train")
+    ids = torch.as_tensor(encoded.with_format(None)[GROUP_ID_COLUMN], dtype=torch.long)
     kept, held = stratified_rows(ids, fraction, seed, "validation_split", "training or validation")
     return dataset.select(kept), dataset.select(held)
 
