@@ -211,3 +211,72 @@ def test_a_collator_or_transform_that_drops_the_labels_fails_before_the_dense_pa
     monkeypatch.setattr(trainer, "_compute_dense_statistics", lambda: pytest.fail("the dense pass started"))
     with pytest.raises(ValueError, match="has no labels .*'pixel_values', 'ceag_group_id'"):
         trainer.train()
+
+
+def test_choosing_the_checkpoint_on_the_users_validation_split(dense_folder, check_pipeline):
+    """The same example with `load_best_model_at_end` on a group metric of the user's validation split, a test
+    split evaluated alongside: the loaded checkpoint is the best one at the final sparsity, the folder loads in
+    `pipeline`, and the card says which checkpoint it is."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
+
+    from hf_ceag import CEAGConfig, CEAGTrainer
+
+    root = dense_folder
+    data = datasets.load_dataset("imagefolder", data_dir=str(root / "images"))["train"]
+    data = data.class_encode_column("style")
+    first = data.train_test_split(0.2, seed=0, stratify_by_column="style")
+    second = first["train"].train_test_split(0.25, seed=0, stratify_by_column="style")
+    train, validation, test = second["train"], second["test"], first["test"]
+    image_processor = AutoImageProcessor.from_pretrained(str(root / "dense"))
+    model = AutoModelForImageClassification.from_pretrained(str(root / "dense"))
+    _, val = example_transforms(image_processor)
+
+    def transform(batch):
+        batch["pixel_values"] = [val(image.convert("RGB")) for image in batch["image"]]
+        return batch
+
+    for split in (train, validation, test):
+        split.set_transform(transform)
+
+    def collate_fn(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["label"] for e in examples])}  # fmt: skip
+
+    set_seed(0)
+    folder = root / "chosen"
+    args = CEAGConfig(
+        output_dir=str(folder), group_columns=["style"], remove_unused_columns=False, max_steps=24,
+        pruning_end_step=10, target_sparsity=0.5, buffer_size=8, learning_rate=0.01, optim="sgd",
+        per_device_train_batch_size=32, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+        load_best_model_at_end=True, metric_for_best_model="validation_max_excess_gap", greater_is_better=False,
+        report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = CEAGTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset={"validation": validation, "test": test},
+        processing_class=image_processor, data_collator=collate_fn,
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    end = trainer.schedule.end
+    evals = {h["step"]: h for h in trainer.state.log_history if "eval_validation_max_excess_gap" in h}
+    assert min(evals) < end  # checkpoints from before the final sparsity existed, and were passed over
+    allowed = [
+        s for s, h in evals.items() if s >= end and h["eval_validation_accuracy_drop"] <= args.max_accuracy_drop
+    ]
+    expected = min(allowed, key=lambda s: (evals[s]["eval_validation_max_excess_gap"], s))
+    report = json.loads((folder / "report.json").read_text())
+    assert (
+        report["selected_checkpoint"]["step"] == expected
+        and report["selected_checkpoint"]["split"] == "validation"
+    )
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert report["splits"]["validation"]["max_excess_gap"] == pytest.approx(
+        evals[expected]["eval_validation_max_excess_gap"], abs=1e-9
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert f"| selected checkpoint | checkpoint-{expected} (step {expected} of 24)" in card.text
+    assert "chosen for its eval_validation_max_excess_gap on these rows" in card.text
+    paths = [str(root / "images" / name) for name in sorted(p.name for p in (root / "images").glob("*.png"))[:20]]
+    pixel_values = torch.stack([val(Image.open(p).convert("RGB")) for p in paths])
+    check_pipeline(folder, paths, pixel_values, atol=1e-4)
